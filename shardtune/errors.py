@@ -1,0 +1,29 @@
+"""User-facing errors. Each message names the input at fault and the fix; the CLI prints it as one line, exit 2."""
+
+
+class ShardtuneError(Exception):
+    """Base class for errors caused by the user's input or environment (not by a bug)."""
+
+
+class ConfigError(ShardtuneError):
+    """A config key or value is wrong."""
+
+
+class DataError(ShardtuneError):
+    """A data file is missing, unreadable, malformed or empty."""
+
+
+class ModelError(ShardtuneError):
+    """A model directory, architecture or checkpoint cannot be used."""
+
+
+class EnvironmentProblem(ShardtuneError):
+    """The installed packages or the hardware cannot run what the config asks for."""
+
+
+class DoesNotFit(ShardtuneError):
+    """The plan predicts the run will not fit in memory."""
+
+
+class ImbalanceError(ShardtuneError):
+    """Ranks hold very different amounts of parameter memory (the sharding silently failed)."""
