@@ -48,6 +48,12 @@ class Engine:
         self.scheduler = None
 
     # -- set-up -------------------------------------------------------------------------------------------------
+    def build_model(self, model_dir: Path) -> nn.Module:
+        """Load base + method (LoRA / full) for this rank. The default loads a full replica on this rank's device;
+        sharded engines override it to build on the meta device and materialize only their shard."""
+        from shardtune.model.load import build_model
+        return build_model(self.cfg, model_dir, self.device, self.compute_dtype)
+
     def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
         """Wrap/shard `model`, build optimizer + LR scheduler over the trainable parameters. Returns the model to call."""
         raise NotImplementedError
