@@ -75,6 +75,10 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from shardtune.config import load_config
     path, overrides = split_config_and_overrides(args.items)
+    if path is None:
+        # the embedded default: the bundled quickstart (tiny Llama, toy text-to-SQL, QLoRA on CPU)
+        from importlib.resources import files
+        path = str(files("shardtune") / "assets" / "quickstart.yaml")
     cfg = load_config(path, overrides)
     under_launcher = "WORLD_SIZE" in os.environ or int(os.environ.get("SLURM_NTASKS", "1")) > 1
     if (args.nproc > 1 or args.nnodes > 1) and not under_launcher:
