@@ -172,7 +172,8 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ train
     def run(self) -> TrainResult:
-        self.setup()
+        if not hasattr(self, "engine"):
+            self.setup()
         cfg, t, dist, engine = self.cfg, self.cfg.train, self.dist, self.engine
         res = TrainResult(output_dir=self.out)
         log = MetricsLog(self.out, dist.is_main, cfg.output.tensorboard)

@@ -1,0 +1,34 @@
+"""Small helpers shared by tests (importable as `support`; tests/ is on pytest's pythonpath)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+# A small, learnable alpaca-format set: the answer is a deterministic function of the question.
+TABLES = ["singer", "concert", "stadium", "album", "player", "team"]
+COLUMNS = ["age", "year", "capacity", "price", "score", "rank"]
+
+
+def alpaca_records(n: int = 96) -> list[dict]:
+    recs = []
+    for i in range(n):
+        t, c = TABLES[i % len(TABLES)], COLUMNS[(i // len(TABLES)) % len(COLUMNS)]
+        v = 10 + (i * 7) % 50
+        recs.append({"instruction": f"How many rows of {t} have {c} above {v}?",
+                     "input": f"table {t}({c}, name)",
+                     "output": f"SELECT count(*) FROM {t} WHERE {c} > {v}"})
+    return recs
+
+
+def corpus() -> list[str]:
+    return [f"{r['instruction']} {r['input']} {r['output']}" for r in alpaca_records()] * 2
+
+
+def run_overrides(model_dir: Path, data: Path, out: Path, **extra) -> list[str]:
+    """Overrides for a fast CPU run on a tiny model."""
+    base = {"model.name_or_path": model_dir, "data.path": data, "output.dir": out, "data.max_seq_len": 96,
+            "train.max_steps": 12, "train.micro_batch_size": 8, "train.lr": 3e-3, "train.warmup_steps": 2,
+            "train.log_every": 4, "train.eval_every": 0, "output.tensorboard": False, "output.plot": False,
+            "lora.rank": 8, "lora.alpha": 16}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
