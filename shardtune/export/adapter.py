@@ -36,6 +36,7 @@ class RunInfo:
     run_dir: Optional[Path] = None
     config: dict = field(default_factory=dict)
     data_format: Optional[str] = None
+    is_full: bool = False  # method=full: the "adapter" directory holds the whole fine-tuned model
 
     @property
     def data_cfg(self) -> dict:
@@ -88,7 +89,7 @@ def load_run(run_or_adapter_dir: str | Path, base: str | Path | None = None) -> 
     run_file = None
     if (path / RUN_FILE).is_file():
         run_dir, adapter_dir, run_file = path, path / ADAPTER_SUBDIR, path / RUN_FILE
-    elif (path / ADAPTER_CONFIG).is_file():
+    elif (path / ADAPTER_CONFIG).is_file() or ((path / "config.json").is_file() and (path.parent / RUN_FILE).is_file()):
         adapter_dir = path
         run_dir = path.parent if (path.parent / RUN_FILE).is_file() else None
         run_file = run_dir / RUN_FILE if run_dir else None
@@ -102,17 +103,23 @@ def load_run(run_or_adapter_dir: str | Path, base: str | Path | None = None) -> 
     if not adapter_dir.is_dir():
         raise ModelError(f"run '{path}' has no {ADAPTER_SUBDIR}/ directory (training did not finish or was saved "
                          f"elsewhere); re-run `shardtune train` or pass --adapter with the adapter directory")
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise ModelError(f"adapter directory '{adapter_dir}' has no {ADAPTER_CONFIG} (not a PEFT adapter, or a "
-                         f"partial copy); pass --adapter with a directory written by `shardtune train`")
-
-    adapter_cfg = _read_json(adapter_dir / ADAPTER_CONFIG)
     run: dict[str, Any] = _read_json(run_file) if run_file else {}
     config = run.get("config") or {}
     train = config.get("train") or {}
     method = run.get("method") or train.get("method") or "lora"
     precision = run.get("precision") or train.get("precision") or "auto"
-    data_format = run.get("data_format") or (config.get("data") or {}).get("format")
+    stats = run.get("data") if isinstance(run.get("data"), dict) else {}
+    data_format = run.get("data_format") or stats.get("format") or (config.get("data") or {}).get("format")
+
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        if method == "full" and (adapter_dir / "config.json").is_file():
+            # Full fine-tuning saves the whole model where an adapter would be; it needs no base.
+            return RunInfo(adapter_dir=adapter_dir, base_model=str(adapter_dir), method="full", precision=str(precision),
+                           run_dir=run_dir, config=config, data_format=data_format, is_full=True)
+        raise ModelError(f"adapter directory '{adapter_dir}' has no {ADAPTER_CONFIG} (not a PEFT adapter, or a "
+                         f"partial copy); pass --adapter with a directory written by `shardtune train`")
+
+    adapter_cfg = _read_json(adapter_dir / ADAPTER_CONFIG)
 
     if base is not None:
         base_model, where = str(base), "--base"
@@ -150,7 +157,9 @@ def resolve_dtype(precision: str, device: str):
     unless bf16 was asked for explicitly, since fp16 matmuls on CPU are slow and gain nothing there."""
     import torch
 
-    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+    names = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+    precision = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}.get(precision, precision)
     if device == "cpu":
         return torch.bfloat16 if precision == "bf16" else torch.float32
     if precision in names:
@@ -249,6 +258,8 @@ def load_for_inference(run_dir: str | Path, device: str = "auto", load_in_4bit: 
     torch_dtype = dtype or resolve_dtype(info.precision, dev)
 
     quantize: Optional[str] = None
+    if info.is_full:
+        load_in_4bit = False
     if load_in_4bit is True:
         ok, why = _bnb_usable(dev)
         if not ok:
@@ -265,6 +276,7 @@ def load_for_inference(run_dir: str | Path, device: str = "auto", load_in_4bit: 
 
     tokenizer = load_tokenizer(info)
     model = load_base_model(info, torch_dtype, dev, quantize)
-    model = attach_adapter(model, info)
+    if not info.is_full:
+        model = attach_adapter(model, info)
     model.eval()
     return model, tokenizer

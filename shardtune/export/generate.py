@@ -54,15 +54,46 @@ def _template_for(tokenizer, data_cfg: dict) -> Optional[str]:
                       f"use the tokenizer's own template (auto) or chatml")
 
 
-def render_prompt_ids(prompt: str, tokenizer, chat: bool, data_cfg: Optional[dict] = None) -> list[int]:
-    """Token ids of `prompt` as training rendered it, ending where the model's answer starts."""
+def render_prompt_ids(prompt: str | list[dict], tokenizer, chat: bool, data_cfg: Optional[dict] = None) -> list[int]:
+    """Token ids of `prompt` as training rendered it, ending where the model's answer starts.
+
+    `prompt` is the user's text, or a conversation (list of {'role', 'content'}) whose answer comes next. In chat
+    mode it is wrapped in the chat template with the assistant turn opened; in raw mode it is tokenized as is.
+    """
     data_cfg = data_cfg or {}
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
     if not chat:
-        return list(tokenizer(prompt)["input_ids"])
-    messages = [{"role": "user", "content": prompt}]
+        text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in messages)
+        return list(tokenizer(text)["input_ids"])
     enc = tokenizer.apply_chat_template(messages, chat_template=_template_for(tokenizer, data_cfg), tokenize=True,
                                         add_generation_prompt=True, return_dict=True)
     return list(enc["input_ids"])
+
+
+def render_example_ids(prompt: str | list[dict], response: str, tokenizer, chat: bool,
+                       data_cfg: Optional[dict] = None) -> tuple[list[int], int]:
+    """(ids of prompt + response, number of leading prompt tokens): the response tokens are the ones scored, as in
+    training with train_on_prompt=false. In chat mode the response includes the template's end-of-turn tokens."""
+    data_cfg = data_cfg or {}
+    prompt_ids = render_prompt_ids(prompt, tokenizer, chat, data_cfg)
+    if not chat:
+        text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
+        full = list(tokenizer(text + response)["input_ids"])
+        if tokenizer.eos_token_id is not None:
+            full.append(int(tokenizer.eos_token_id))
+    else:
+        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        messages = messages + [{"role": "assistant", "content": response}]
+        full = list(tokenizer.apply_chat_template(messages, chat_template=_template_for(tokenizer, data_cfg),
+                                                  tokenize=True, return_dict=True)["input_ids"])
+    # Normally the prompt is an exact prefix; a template that renders it differently once an answer follows (or a
+    # BPE merge across the raw-text boundary) shortens the shared prefix, and everything after it is scored.
+    n_prompt = 0
+    for a, b in zip(prompt_ids, full):
+        if a != b:
+            break
+        n_prompt += 1
+    return full, n_prompt
 
 
 def stop_token_ids(tokenizer) -> list[int]:

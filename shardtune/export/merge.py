@@ -105,8 +105,10 @@ def merge(run_dir: str | Path, out_dir: str | Path, dtype: str = "bf16", base: s
 
     tokenizer = load_tokenizer(info)
     model = load_base_model(info, torch_dtype, resolve_device(device), quantize=None)
-    model = attach_adapter(model, info)
-    merged = model.merge_and_unload()
+    if info.is_full:
+        merged = model  # a full fine-tune has nothing to merge; this re-saves it in `dtype`
+    else:
+        merged = attach_adapter(model, info).merge_and_unload()
     merged.config.dtype = torch_dtype  # recorded in config.json so loaders pick the saved dtype by default
 
     def write(tmp: Path) -> None:

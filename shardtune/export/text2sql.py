@@ -1,0 +1,494 @@
+"""Text-to-SQL scoring: normalized exact match, execution accuracy, and SQLite databases synthesized from schemas.
+
+Spider's real databases are large and not shipped, but its schemas are (tables.json). `build_database` creates the
+tables with their types and keys and fills them with seeded synthetic rows (foreign keys point at existing rows,
+values repeat so GROUP BY / WHERE / ORDER BY separate right from wrong queries, and literals taken from the gold
+queries are planted so that their WHERE clauses select something). Execution accuracy on such content is a proxy in
+the spirit of test-suite accuracy (Zhong et al., 2020), not the official Spider number; pass real
+`<db_dir>/<db_id>/<db_id>.sqlite` files for that.
+"""
+
+from __future__ import annotations
+
+import ast
+import itertools
+import json
+import random
+import re
+import sqlite3
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from shardtune.errors import DataError
+
+# ---------------------------------------------------------------- SQL text
+
+_TOKEN = re.compile(
+    r"""'(?:[^']|'')*'            # single-quoted literal ('' escapes a quote)
+      | "(?:[^"]|"")*"            # double-quoted: SQLite reads it as a literal when no column has that name
+      | `[^`]*` | \[[^\]]*\]       # quoted identifiers
+      | \d+\.\d*|\.\d+|\d+        # numbers
+      | [A-Za-z_][A-Za-z_0-9$]*   # words
+      | <=|>=|<>|!=|==|\|\|       # two-character operators
+      | \S                        # anything else, one character
+    """, re.VERBOSE)
+
+
+def sql_tokens(sql: str) -> list[str]:
+    return _TOKEN.findall(sql)
+
+
+def normalize_sql(sql: str) -> str:
+    """Canonical text for exact match: case-folded, one space between tokens, literals in single quotes, quoted
+    identifiers unquoted, `<>`/`==` spelled `!=`/`=`, no trailing semicolon."""
+    out = []
+    for tok in sql_tokens(sql.strip().rstrip(";").strip()):
+        if tok[0] in "'\"":
+            body = tok[1:-1].replace(tok[0] * 2, tok[0])
+            tok = "'" + body.replace("'", "''") + "'"
+        elif tok[0] in "`[":
+            tok = tok[1:-1]
+        elif tok == "<>":
+            tok = "!="
+        elif tok == "==":
+            tok = "="
+        out.append(tok.lower())
+    text = " ".join(out)
+    return text.rstrip(" ;")
+
+
+def exact_match(gold: str, pred: str) -> bool:
+    return normalize_sql(gold) == normalize_sql(pred)
+
+
+def extract_sql(text: str) -> str:
+    """The first SQL statement in a model's answer: inside a ``` fence if there is one, up to the first `;`
+    outside quotes."""
+    fence = re.search(r"```(?:sql|sqlite)?\s*\n?(.*?)(?:```|$)", text, flags=re.S | re.I)
+    if fence:
+        text = fence.group(1)
+    text = text.strip()
+    quote = None
+    for i, ch in enumerate(text):
+        if quote:
+            if ch == quote:
+                quote = None
+        elif ch in "'\"":
+            quote = ch
+        elif ch == ";":
+            return text[:i].strip()
+    return text
+
+
+def has_top_level_order_by(sql: str) -> bool:
+    """ORDER BY outside any parenthesis: then the order of the result rows is part of the answer."""
+    depth = 0
+    toks = [t.lower() for t in sql_tokens(sql)]
+    for i, t in enumerate(toks):
+        if t == "(":
+            depth += 1
+        elif t == ")":
+            depth -= 1
+        elif t == "order" and depth == 0 and i + 1 < len(toks) and toks[i + 1] == "by":
+            return True
+    return False
+
+
+def sql_literals(sql: str) -> tuple[list[str], list[float]]:
+    """String and number literals of a query (numbers not part of identifiers), to plant into synthesized tables."""
+    strings, numbers = [], []
+    toks = sql_tokens(sql)
+    for i, tok in enumerate(toks):
+        if tok[0] in "'\"":
+            s = tok[1:-1].replace(tok[0] * 2, tok[0])
+            strings.append(s.strip("%"))
+        elif tok[0].isdigit() or (tok[0] == "." and len(tok) > 1):
+            prev = toks[i - 1].lower() if i else ""
+            if prev in ("limit", "offset"):
+                continue
+            numbers.append(float(tok))
+    return [s for s in strings if s], numbers
+
+
+# ---------------------------------------------------------------- execution
+
+
+class SqlExecutionError(Exception):
+    pass
+
+
+def execute(db_path: str | Path, sql: str, timeout_s: float = 5.0, max_rows: int = 100_000) -> list[tuple]:
+    """Run `sql` read-only; raise SqlExecutionError on any SQLite error, on timeout or on a runaway result."""
+    conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True, check_same_thread=False)
+    conn.text_factory = lambda b: b.decode("utf-8", errors="replace")
+    deadline = time.monotonic() + timeout_s
+    # Cartesian products in a wrong prediction can run for minutes; the handler aborts them.
+    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
+    try:
+        cur = conn.execute(sql)
+        rows = cur.fetchmany(max_rows + 1)
+        if len(rows) > max_rows:
+            raise SqlExecutionError(f"more than {max_rows} rows")
+        return [tuple(r) for r in rows]
+    except sqlite3.Error as e:
+        msg = "timed out" if "interrupted" in str(e) else str(e)
+        raise SqlExecutionError(msg) from None
+    except (ValueError, OverflowError) as e:
+        raise SqlExecutionError(str(e)) from None
+    finally:
+        conn.close()
+
+
+def _canon_value(v: Any) -> Any:
+    if isinstance(v, float):
+        if v.is_integer():
+            return int(v)
+        return round(v, 6)
+    if isinstance(v, bytes):
+        return v.hex()
+    return v
+
+
+def _canon_rows(rows: list[tuple]) -> list[tuple]:
+    return [tuple(_canon_value(v) for v in r) for r in rows]
+
+
+def results_match(gold: list[tuple], pred: list[tuple], ordered: bool, max_permute_cols: int = 6) -> bool:
+    """Same rows (as a multiset, or as a sequence when `ordered`), allowing the columns in another order."""
+    g, p = _canon_rows(gold), _canon_rows(pred)
+    if len(g) != len(p):
+        return False
+    if not g:
+        return True
+    ncols = len(g[0])
+    if any(len(r) != ncols for r in p):
+        return False
+
+    def same(rows_p):
+        return rows_p == g if ordered else Counter(rows_p) == Counter(g)
+
+    if same(p):
+        return True
+    if ncols > max_permute_cols:
+        return False
+    gold_col_sets = [Counter(r[i] for r in g) for i in range(ncols)]
+    for perm in itertools.permutations(range(ncols)):
+        if perm == tuple(range(ncols)):
+            continue
+        if any(Counter(r[perm[i]] for r in p) != gold_col_sets[i] for i in range(ncols)):
+            continue  # cheap per-column pre-check before comparing whole rows
+        if same([tuple(r[i] for i in perm) for r in p]):
+            return True
+    return False
+
+
+@dataclass
+class ExecResult:
+    match: Optional[bool]  # None when the gold query itself fails (the record is not scored)
+    gold_error: Optional[str] = None
+    pred_error: Optional[str] = None
+
+
+def execution_match(db_path: str | Path, gold_sql: str, pred_sql: str, timeout_s: float = 5.0) -> ExecResult:
+    try:
+        gold_rows = execute(db_path, gold_sql, timeout_s)
+    except SqlExecutionError as e:
+        return ExecResult(None, gold_error=str(e))
+    try:
+        pred_rows = execute(db_path, pred_sql, timeout_s)
+    except SqlExecutionError as e:
+        return ExecResult(False, pred_error=str(e))
+    return ExecResult(results_match(gold_rows, pred_rows, ordered=has_top_level_order_by(gold_sql)))
+
+
+# ---------------------------------------------------------------- schemas
+
+
+@dataclass
+class Column:
+    name: str
+    type: str = "text"  # Spider's types: text | number | time | boolean | others
+
+
+@dataclass
+class Table:
+    name: str
+    columns: list[Column]
+    primary_key: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Schema:
+    db_id: str
+    tables: list[Table]
+    # (table, column) -> (referenced table, referenced column)
+    foreign_keys: list[tuple[tuple[str, str], tuple[str, str]]] = field(default_factory=list)
+
+    def table(self, name: str) -> Table:
+        return next(t for t in self.tables if t.name == name)
+
+
+def _maybe_literal(v):
+    # Some exports store Spider's lists as Python-literal strings.
+    return ast.literal_eval(v) if isinstance(v, str) else v
+
+
+def schema_from_spider(entry: dict) -> Schema:
+    """A Schema from one tables.json entry (original table and column names, types, primary and foreign keys)."""
+    try:
+        tables = _maybe_literal(entry["table_names_original"])
+        cols = _maybe_literal(entry["column_names_original"])
+        types = _maybe_literal(entry["column_types"])
+        pks = _maybe_literal(entry.get("primary_keys", []))
+        fks = _maybe_literal(entry.get("foreign_keys", []))
+    except (KeyError, ValueError, SyntaxError) as e:
+        raise DataError(f"tables.json entry {entry.get('db_id', '?')!r} is not in Spider's format ({e})") from None
+    out = [Table(name=t, columns=[]) for t in tables]
+    ref: dict[int, tuple[str, str]] = {}
+    for idx, ((ti, cname), ctype) in enumerate(zip(cols, types)):
+        if ti < 0:
+            continue  # the '*' pseudo-column
+        out[ti].columns.append(Column(cname, ctype))
+        ref[idx] = (tables[ti], cname)
+    for pk in pks:
+        for idx in (pk if isinstance(pk, list) else [pk]):  # newer exports group composite keys in a list
+            if idx in ref:
+                tname, cname = ref[idx]
+                out[tables.index(tname)].primary_key.append(cname)
+    fk_pairs = []
+    for src, dst in fks:
+        if src in ref and dst in ref:
+            fk_pairs.append((ref[src], ref[dst]))
+    return Schema(db_id=entry["db_id"], tables=out, foreign_keys=fk_pairs)
+
+
+_NUMERIC_NAME = re.compile(r"(^|_)(id|population|area|length|altitude|elevation|density|count|num|number|age|year|"
+                           r"price|size|height|weight|rank|score|amount|total|capacity)($|_)", re.I)
+
+
+def schema_from_create_statements(db_id: str, text: str) -> Optional[Schema]:
+    """A Schema from `CREATE TABLE name ( col [type], ... )` statements embedded in a prompt (as in DB-GPT-Hub's
+    records). Untyped columns get a type guessed from the name (ids, years, population -> number)."""
+    tables = []
+    for m in re.finditer(r"CREATE\s+TABLE\s+[`\"\[]?(\w+)[`\"\]]?\s*\((.*?)\)\s*(?:;|\n\s*\n|$)", text, re.I | re.S):
+        cols, pk = [], []
+        for part in re.split(r",\s*(?![^()]*\))", m.group(2)):
+            words = part.strip().split()
+            if not words:
+                continue
+            if words[0].upper() in ("PRIMARY", "FOREIGN", "UNIQUE", "CONSTRAINT", "CHECK"):
+                continue
+            name = words[0].strip('`"[]')
+            decl = " ".join(words[1:]).lower()
+            if decl:
+                ctype = "number" if re.search(r"int|real|num|dec|float|double", decl) else (
+                    "time" if re.search(r"date|time", decl) else "text")
+            else:
+                ctype = "number" if _NUMERIC_NAME.search(name) else "text"
+            if "primary key" in decl:
+                pk.append(name)
+            cols.append(Column(name, ctype))
+        if cols:
+            tables.append(Table(m.group(1), cols, pk))
+    return Schema(db_id, tables) if tables else None
+
+
+def load_spider_tables(path: str | Path) -> dict[str, Schema]:
+    p = Path(path)
+    try:
+        entries = json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read tables file '{path}' ({e}); pass --tables with Spider's tables.json") from None
+    if not isinstance(entries, list):
+        raise DataError(f"tables file '{path}' must be a JSON list of schemas (Spider's tables.json)")
+    return {e["db_id"]: schema_from_spider(e) for e in entries if isinstance(e, dict) and "db_id" in e}
+
+
+# ---------------------------------------------------------------- synthetic databases
+
+_WORDS = ["alpha", "bravo", "delta", "echo", "gamma", "kilo", "lima", "omega", "sierra", "tango", "victor", "zulu"]
+_DECIMAL_NAME = re.compile(r"price|rating|weight|height|score|average|avg|percent|gpa|amount|lat|long|ratio|rate",
+                           re.I)
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _sql_type(col: Column) -> str:
+    if col.type == "number":
+        return "REAL" if _DECIMAL_NAME.search(col.name) else "INTEGER"
+    if col.type == "boolean":
+        return "INTEGER"
+    return "TEXT"
+
+
+class _ValueMaker:
+    """Seeded column values: few distinct values per column (so groups and duplicates exist), plus planted literals."""
+
+    def __init__(self, rng: random.Random, strings: list[str], numbers: list[float]):
+        self.rng = rng
+        self.strings = sorted(set(strings))
+        nums = set()
+        for n in numbers:
+            nums.update({n, n - 1, n + 1})
+        self.numbers = sorted(nums)
+
+    def value(self, col: Column, row: int, n_distinct: int):
+        r = self.rng
+        if col.type == "number":
+            decimal = _DECIMAL_NAME.search(col.name) is not None
+            if self.numbers and r.random() < 0.35:
+                v = r.choice(self.numbers)
+                return v if decimal else int(round(v))
+            if re.search(r"year", col.name, re.I):
+                return r.randint(1995, 2020)
+            v = r.randint(1, max(3, n_distinct * 10))
+            return round(v + r.random(), 1) if decimal else v
+        if col.type == "time":
+            return f"{r.randint(1995, 2020)}-{r.randint(1, 12):02d}-{r.randint(1, 28):02d}"
+        if col.type == "boolean":
+            return r.choice(["T", "F"])
+        if self.strings and r.random() < 0.35:
+            return r.choice(self.strings)
+        return f"{col.name.lower().replace(' ', '_')} {r.choice(_WORDS[:max(2, n_distinct)])}"
+
+    def unique(self, col: Column, count: int) -> list:
+        if col.type == "number":
+            return list(range(1, count + 1))
+        if col.type == "time":
+            return [f"{2000 + i // 12}-{i % 12 + 1:02d}-01" for i in range(count)]
+        base = [s for s in self.strings]
+        self.rng.shuffle(base)
+        vals = base[:count // 3]
+        vals += [f"{col.name.lower().replace(' ', '_')} {i}" for i in range(count - len(vals))]
+        return vals
+
+
+def build_database(schema: Schema, path: str | Path, rows_per_table: int = 12, seed: int = 0,
+                   literals: Iterable[str] = ()) -> Path:
+    """Create `path` as a SQLite file with `schema`'s tables (types, primary and foreign keys) and seeded rows.
+
+    Deterministic for a given (schema, seed, literals). `literals` are gold queries (or their literal values)
+    whose strings and numbers are planted into the value pools.
+    """
+    strings, numbers = [], []
+    for sql in literals:
+        s, n = sql_literals(sql)
+        strings += s
+        numbers += n
+    rng = random.Random(f"{schema.db_id}:{seed}")
+    maker = _ValueMaker(rng, strings, numbers)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        tmp.unlink()
+
+    fk_of = {src: dst for src, dst in schema.foreign_keys}
+    # Values of every referenced column are fixed first, so references resolve whatever the table order is.
+    referenced: dict[tuple[str, str], list] = {}
+    for _, dst in schema.foreign_keys:
+        if dst not in referenced:
+            t = schema.table(dst[0]) if any(t.name == dst[0] for t in schema.tables) else None
+            col = next((c for c in t.columns if c.name == dst[1]), None) if t else None
+            if col is not None:
+                referenced[dst] = maker.unique(col, rows_per_table)
+    # A referenced column may itself reference another one (A.x -> B.y, C.z -> A.x): take its values from there.
+    for _ in range(3):
+        for key in list(referenced):
+            parent = fk_of.get(key)
+            if parent in referenced and parent != key:
+                pool = referenced[parent]
+                referenced[key] = rng.sample(pool, min(rows_per_table, len(pool)))
+
+    conn = sqlite3.connect(tmp)
+    try:
+        for t in schema.tables:
+            col_defs = [f"{_quote(c.name)} {_sql_type(c)}" for c in t.columns]
+            if t.primary_key:
+                col_defs.append(f"PRIMARY KEY ({', '.join(_quote(c) for c in t.primary_key)})")
+            for (st, sc), (dt, dc) in schema.foreign_keys:
+                if st == t.name:
+                    col_defs.append(f"FOREIGN KEY ({_quote(sc)}) REFERENCES {_quote(dt)}({_quote(dc)})")
+            conn.execute(f"CREATE TABLE {_quote(t.name)} ({', '.join(col_defs)})")
+
+        for t in schema.tables:
+            n = rows_per_table
+            single_pk = t.primary_key[0] if len(t.primary_key) == 1 else None
+            columns: dict[str, list] = {}
+            for c in t.columns:
+                key = (t.name, c.name)
+                if key in referenced:
+                    columns[c.name] = list(referenced[key])
+                elif key in fk_of and fk_of[key] in referenced:
+                    pool = referenced[fk_of[key]]
+                    if c.name == single_pk:  # a key that is also a reference (1:1 tables) must stay unique
+                        columns[c.name] = rng.sample(pool, min(n, len(pool)))
+                    else:
+                        columns[c.name] = [rng.choice(pool) for _ in range(n)]
+                elif c.name == single_pk:
+                    columns[c.name] = maker.unique(c, n)
+                else:
+                    distinct = max(2, n // 3)
+                    columns[c.name] = [maker.value(c, i, distinct) for i in range(n)]
+            length = min(len(v) for v in columns.values()) if columns else 0
+            rows = [tuple(columns[c.name][i] for c in t.columns) for i in range(length)]
+            placeholders = ", ".join("?" for _ in t.columns)
+            # Composite keys can collide by chance; dropping the duplicate row keeps the key valid.
+            conn.executemany(f"INSERT OR IGNORE INTO {_quote(t.name)} VALUES ({placeholders})", rows)
+        conn.commit()
+    finally:
+        conn.close()
+    tmp.replace(path)
+    return path
+
+
+class DatabaseProvider:
+    """The SQLite file for a record: a real `<db_dir>/<db_id>/<db_id>.sqlite` when present, else one synthesized
+    from the schema registered under the record's schema key (its db_id, or a per-record key for schemas that only
+    exist as CREATE TABLE text in the prompt)."""
+
+    def __init__(self, cache_dir: str | Path, db_dir: str | Path | None = None,
+                 schemas: Optional[dict[str, Schema]] = None, seed: int = 0, rows_per_table: int = 12):
+        self.cache_dir = Path(cache_dir)
+        self.db_dir = Path(db_dir) if db_dir else None
+        self.schemas: dict[str, Schema] = dict(schemas or {})
+        self.gold: dict[str, list[str]] = {}  # schema key -> gold queries whose literals are planted
+        self.seed = seed
+        self.rows_per_table = rows_per_table
+        self._paths: dict[str, tuple[Optional[Path], Optional[str]]] = {}
+
+    def add_schema(self, key: str, schema: Schema) -> None:
+        self.schemas.setdefault(key, schema)
+
+    def add_gold(self, key: str, sql: str) -> None:
+        self.gold.setdefault(key, []).append(sql)
+
+    def real_path(self, db_id: Optional[str]) -> Optional[Path]:
+        if self.db_dir is None or not db_id:
+            return None
+        p = self.db_dir / db_id / f"{db_id}.sqlite"
+        return p if p.is_file() else None
+
+    def path_for(self, db_id: Optional[str], key: Optional[str] = None) -> tuple[Optional[Path], Optional[str]]:
+        """(path, 'real' | 'synthetic'), or (None, None) when neither a database nor a schema is known."""
+        real = self.real_path(db_id)
+        if real is not None:
+            return real, "real"
+        key = key or db_id
+        if key is None:
+            return None, None
+        if key not in self._paths:
+            found: tuple[Optional[Path], Optional[str]] = (None, None)
+            if key in self.schemas:
+                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+                path = build_database(self.schemas[key], self.cache_dir / f"{safe}.sqlite",
+                                      rows_per_table=self.rows_per_table, seed=self.seed,
+                                      literals=self.gold.get(key, ()))
+                found = (path, "synthetic")
+            self._paths[key] = found
+        return self._paths[key]
