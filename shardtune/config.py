@@ -80,6 +80,8 @@ class TrainConfig:
     weight_decay: float = _f(0.0, "AdamW weight decay")
     grad_clip: float = _f(1.0, "clip the global gradient norm to this (0 disables)")
     optimizer: Literal["adamw", "adamw_8bit", "paged_adamw_8bit"] = _f("adamw", "torch AdamW, or bitsandbytes 8-bit / paged AdamW (CUDA only)")
+    fused_loss: bool = _f(True, "score only labelled positions, vocab projection + loss chunked/fused (no full fp32 logits)")
+    kernels: Literal["auto", "liger", "none"] = _f("auto", "fused RMSNorm/RoPE/SwiGLU kernels: auto = Liger when CUDA and installed")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~1/3 more compute)")
     seed: int = _f(42, "seed for init, data order and dropout")
     log_every: int = _f(5, "log loss / lr / grad norm / tokens/s every N steps")

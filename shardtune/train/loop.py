@@ -16,10 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from shardtune.parallel import dist_info_from_env, make_engine, resolve_strategy
 from shardtune.train import checkpoint as ckpt
+from shardtune.train.loss import can_fuse, fused_loss_sum, logits_loss_sum
 from shardtune.train.metrics import MetricsLog, peak_memory_gb, plot_losses
 
 
@@ -62,15 +62,6 @@ def _to(batch: dict, device) -> dict:
     return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
 
 
-def token_loss_sum(model, batch: dict, dtype: torch.dtype, device) -> torch.Tensor:
-    """Sum of next-token cross-entropy over labelled positions (fp32 logits for the loss)."""
-    labels = batch["labels"]
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-        logits = model(**inputs).logits
-    shift = logits[:, :-1, :].float()
-    return F.cross_entropy(shift.reshape(-1, shift.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100,
-                           reduction="sum")
 
 
 def _targets(sample: dict) -> int:
@@ -130,7 +121,12 @@ class Trainer:
         self.engine = make_engine(cfg, self.dist, self.device, self.dtype)
         model = self.engine.build_model(self.model_dir)
         trainable, total = trainable_summary(model)
+        from shardtune.model.kernels import apply_kernels
+        self.kernels = apply_kernels(model, t.kernels, self.device)
         self.model = self.engine.setup(model, self.total_steps)
+        # the fused loss calls the decoder directly; only the one-process engine has no wrapper hooks to bypass
+        self.fused = t.fused_loss and self.engine.name == "none" and can_fuse(self.model)
+        self.say(f"kernels: {self.kernels}; loss: {'fused' if self.fused else 'logits'}")
         self.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
         if self.dist.world_size > 1:
             from shardtune.parallel.balance import check_balance
@@ -145,6 +141,11 @@ class Trainer:
                 client = self.engine.load_checkpoint(last)
                 self.start_step = int(client["step"])
                 self.say(f"resume: continuing from {last} (step {self.start_step})")
+
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        if self.fused:
+            return fused_loss_sum(self.model, batch, self.dtype, self.device)
+        return logits_loss_sum(self.model, batch, self.dtype, self.device)
 
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -163,7 +164,7 @@ class Trainer:
             if not samples:  # every rank must run the same number of forwards (sharded engines all-gather)
                 samples, weight = self.val_set[:1], 0.0
             batch = _to(self.collate(samples), self.device)
-            loss += weight * token_loss_sum(model, batch, self.dtype, self.device).double()
+            loss += weight * self.loss_sum(batch).double()
             toks += weight * (batch["labels"][:, 1:] != -100).sum()
         model.train()
         self.engine.all_reduce_sum(loss)
@@ -200,7 +201,7 @@ class Trainer:
                 for m, idx in enumerate(mbs):
                     batch = _to(self.collate([self.train_set[i] for i in idx]), self.device)
                     with engine.accumulating(m == len(mbs) - 1):
-                        loss_sum = token_loss_sum(self.model, batch, self.dtype, self.device)
+                        loss_sum = self.loss_sum(batch)
                         engine.backward(loss_sum / gtargets)
                     step_loss += loss_sum.detach().double()
                     win_tokens += (batch["attention_mask"].sum() if "attention_mask" in batch

@@ -1,0 +1,79 @@
+"""Next-token loss as a sum over labelled positions, two ways.
+
+`logits_loss_sum` runs the model's own forward (full logits, upcast to fp32): works under every engine and wrapper.
+`fused_loss_sum` runs the decoder, keeps only the hidden states of labelled positions (prompt tokens masked out of
+an SFT sample never reach the vocabulary projection), and projects + scores them in chunks: with Liger's fused
+linear cross-entropy on CUDA, else chunk by chunk with recomputation, so the [tokens x vocab] fp32 logits (5 GB for
+4096 tokens of a 128k vocabulary) never exist at once. It calls submodules directly, so it is only used where no
+wrapper's forward hooks must run (the one-process engine).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
+
+# model types whose causal-LM head is a plain projection of the decoder's last hidden state (no softcap, no scale)
+PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "phi3", "olmo2", "granite"}
+
+
+def logits_loss_sum(model, batch: dict, dtype: torch.dtype, device) -> torch.Tensor:
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        logits = model(**inputs).logits
+    shift = logits[:, :-1, :].float()
+    return F.cross_entropy(shift.reshape(-1, shift.size(-1)), labels[:, 1:].reshape(-1), ignore_index=-100,
+                           reduction="sum")
+
+
+def _base(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def can_fuse(model) -> bool:
+    base = _base(model)
+    cfg = getattr(base, "config", None)
+    return (cfg is not None and cfg.model_type in PLAIN_HEAD_TYPES and hasattr(base, "model")
+            and base.get_output_embeddings() is not None and not getattr(cfg, "final_logit_softcapping", None))
+
+
+def _chunk_ce(head, h, y):
+    return F.cross_entropy(head(h).float(), y, reduction="sum")
+
+
+def fused_loss_sum(model, batch: dict, dtype: torch.dtype, device, chunk_tokens: int = 2048,
+                   use_liger: bool | None = None) -> torch.Tensor:
+    base = _base(model)
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+        hidden = base.model(**inputs).last_hidden_state
+    target = labels[:, 1:].reshape(-1)
+    keep = target != -100
+    h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))[keep]
+    y = target[keep]
+    head = base.get_output_embeddings()
+    if use_liger is None:
+        use_liger = device.type == "cuda" and _liger_flce() is not None
+    if use_liger and type(head) is torch.nn.Linear:
+        flce = _liger_flce()(reduction="sum")
+        return flce(head.weight, h.to(head.weight.dtype), y, head.bias).float()
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.size(0), chunk_tokens):
+        hs, ys = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            if torch.is_grad_enabled():
+                total = total + checkpoint(_chunk_ce, head, hs, ys, use_reentrant=False)
+            else:
+                total = total + _chunk_ce(head, hs, ys)
+    return total
+
+
+def _liger_flce():
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+        return LigerFusedLinearCrossEntropyLoss
+    except Exception:
+        return None
