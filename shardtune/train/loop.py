@@ -69,9 +69,17 @@ def _targets(sample: dict) -> int:
 
 
 class Trainer:
-    def __init__(self, cfg, out=print):
+    def __init__(self, cfg, out=print, time_steps: bool = False):
         self.cfg = cfg
         self.say_raw = out
+        self.time_steps = time_steps  # benchmarks: synchronise and record every step's wall time
+        self.step_times: list[float] = []
+
+    def use_samples(self, train: list[dict], val: list[dict] | None = None) -> None:
+        """Replace the data set after setup (benchmarks feed pre-tokenised random samples)."""
+        self.train_set, self.val_set = train, list(val or [])
+        self.targets = [_targets(s) for s in train]
+        self.batches = GlobalBatches(len(train), self.global_batch, self.cfg.train.seed)
 
     def say(self, msg: str) -> None:
         if self.dist.is_main:
@@ -194,6 +202,9 @@ class Trainer:
         step = self.start_step
         try:
             for step in range(self.start_step, self.total_steps):
+                if self.time_steps:
+                    self._sync()
+                    ts = time.perf_counter()
                 gidx = self.batches.indices(step)
                 gtargets = max(1, sum(self.targets[i] for i in gidx))
                 mbs = micro_batches(gidx, dist.rank, dist.world_size, t.micro_batch_size)
@@ -207,6 +218,9 @@ class Trainer:
                     win_tokens += (batch["attention_mask"].sum() if "attention_mask" in batch
                                    else batch["input_ids"].numel())
                 grad_norm = engine.step()
+                if self.time_steps:
+                    self._sync()
+                    self.step_times.append(time.perf_counter() - ts)
                 # keep the per-step loss on device; summed over ranks only at log points (no host sync per step)
                 res.losses.append(step_loss / gtargets)
                 win_loss += step_loss
@@ -246,6 +260,10 @@ class Trainer:
         if dist.is_main and cfg.output.plot:
             plot_losses(log.rows, self.out / "loss.png")
         return res
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def _reduce_losses(self, losses: list) -> list[float]:
         if not losses:

@@ -1,0 +1,99 @@
+"""Shared pieces of the GPU benchmarks: reference shapes, a random-weight checkpoint writer, random token data, MFU."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+# Hidden sizes etc. from the models' published config.json files (meta-llama/Meta-Llama-3-8B, Llama-3.2-1B/3B,
+# Llama-2-13b, Llama-2-70b).
+SHAPES = {
+    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
+    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama3-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
+                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
+    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
+                       num_key_value_heads=40, vocab_size=32000, rope_theta=10000.0, tie_word_embeddings=False),
+    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                       num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, tie_word_embeddings=False),
+}
+
+H100_BF16_CEILING = 800e12  # measured dense bf16 matmul ceiling on this workplace's H100/H200 (device README)
+
+
+def llama_config(shape: str, max_pos: int = 8192):
+    from transformers import LlamaConfig
+    return LlamaConfig(max_position_embeddings=max_pos, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
+                       pad_token_id=0, **SHAPES[shape])
+
+
+def write_random_checkpoint(shape: str, out: Path, device: str = "cuda", seed: int = 0) -> Path:
+    """A real HF directory (config.json, sharded bf16 safetensors, a small tokenizer) with N(0, 0.02) weights,
+    written one decoder layer at a time so neither host nor GPU memory holds the whole model."""
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM
+
+    out = Path(out)
+    if (out / "model.safetensors.index.json").exists():
+        return out
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.mkdir(parents=True, exist_ok=True)
+    cfg = llama_config(shape)
+    cfg.save_pretrained(tmp)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
+    names = [(n, tuple(p.shape)) for n, p in skeleton.state_dict().items()]
+    if cfg.tie_word_embeddings:
+        names = [x for x in names if x[0] != "lm_head.weight"]
+    gen = torch.Generator(device=device).manual_seed(seed)
+    groups: dict[str, list] = {}
+    for n, shp in names:
+        key = n.split(".")[2] if n.startswith("model.layers.") else "other"
+        groups.setdefault(key, []).append((n, shp))
+    weight_map, total = {}, 0
+    for i, (key, items) in enumerate(groups.items()):
+        fname = f"model-{i:05d}.safetensors"
+        tensors = {}
+        for n, shp in items:
+            if n.endswith("norm.weight"):
+                t = torch.ones(shp, dtype=torch.bfloat16, device=device)
+            else:
+                t = torch.randn(shp, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
+            tensors[n] = t.cpu()
+            total += t.numel() * 2
+            weight_map[n] = fname
+        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
+        del tensors
+    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+                                                                  "weight_map": weight_map}))
+    from shardtune.model.tiny import build_tokenizer
+    build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(tmp)
+    os.replace(tmp, out)
+    return out
+
+
+def random_samples(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
+    import torch
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (n, seq), generator=g)
+    return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
+
+
+def model_flops_per_token(shape: str, seq: int, recompute: bool) -> float:
+    """Training FLOPs per token of a LoRA/QLoRA step (frozen base: forward 2N + input-gradient 2N, +2N when the
+    forward is recomputed), plus causal attention (forward 2*s*h per layer; x3 with backward, x4 with recompute).
+    N counts every matmul weight (embedding lookups excluded, the output projection included)."""
+    s = SHAPES[shape]
+    h, L, inter, v = s["hidden_size"], s["num_hidden_layers"], s["intermediate_size"], s["vocab_size"]
+    kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
+    per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
+    n = L * per_layer + h * v
+    mult = 6 if recompute else 4
+    attn_fwd = 2 * L * seq * h
+    return mult * n + attn_fwd * (4 if recompute else 3)
