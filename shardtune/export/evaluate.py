@@ -27,7 +27,7 @@ from shardtune.export.generate import generate_ids, render_example_ids, render_p
 
 METRICS = ("auto", "sql", "generic")
 PROXY_NOTE = ("execution accuracy on synthesized databases (schema from tables.json or the prompt's CREATE TABLE "
-              "statements, seeded rows) is a proxy in the spirit of test-suite accuracy, not the official Spider "
+              "statements, seeded rows, several seeds per schema) is a proxy in the spirit of test-suite accuracy, not the official Spider "
               "number; pass --db-dir with the real <db_id>/<db_id>.sqlite files for that")
 
 
@@ -222,11 +222,11 @@ def _score_sql(records: Sequence[EvalRecord], preds: Sequence[str], provider: t2
         pred_sql = t2s.extract_sql(p)
         row = {"index": r.index, "db_id": r.db_id, "question": r.prompt[-300:], "gold": r.gold, "pred": pred_sql,
                "exact": t2s.exact_match(r.gold, pred_sql), "exec": None}
-        db, source = provider.path_for(r.db_id, r.schema_key)
-        if db is None:
+        dbs, source = provider.paths_for(r.db_id, r.schema_key)
+        if not dbs:
             row["exec_note"] = "no database or schema for this record"
         else:
-            res = t2s.execution_match(db, r.gold, pred_sql, timeout_s=timeout_s)
+            res = t2s.execution_match_all(dbs, r.gold, pred_sql, timeout_s=timeout_s)
             row["exec"], row["db"] = res.match, source
             sources[source] += 1
             if res.gold_error:
@@ -264,12 +264,13 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
              predict_fn: Optional[PredictFn] = None, max_new_tokens: int = 128, batch_size: int = 8,
              base: str | Path | None = None, device: str = "auto", load_in_4bit: Optional[bool] = None,
              chat: Optional[bool] = None, model=None, tokenizer=None, timeout_s: float = 5.0, seed: int = 0,
-             synth_dir: str | Path | None = None) -> dict:
+             synth_dir: str | Path | None = None, n_databases: int = 3) -> dict:
     """Score the adapter in `run_dir` on `data_path`; write the per-record results and summary as JSON; return them.
 
     predict_fn(records) -> answers replaces generation (e.g. an oracle returning the gold SQL, or answers produced
-    elsewhere); with it `run_dir` may be None for the SQL metric. Synthesized databases go to `synth_dir` (kept) or a
-    temporary directory (deleted).
+    elsewhere); with it `run_dir` may be None for the SQL metric. Without real databases, each schema is synthesized
+    `n_databases` times with different seeds and a prediction must agree with the gold query on all of them; they go
+    to `synth_dir` (kept) or a temporary directory (deleted).
     """
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -322,7 +323,8 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
             tmp = tempfile.TemporaryDirectory(prefix="shardtune-dbs-")
             synth_dir = tmp.name
         try:
-            provider = t2s.DatabaseProvider(synth_dir, db_dir=db_dir, schemas=schemas, seed=seed)
+            provider = t2s.DatabaseProvider(synth_dir, db_dir=db_dir, schemas=schemas, seed=seed,
+                                            n_databases=n_databases)
             for r in records:
                 key = r.db_id if r.db_id in schemas else None
                 if key is None and provider.real_path(r.db_id) is None:
@@ -408,6 +410,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tables", metavar="FILE",
                         help="Spider tables.json for synthesized databases (default: *tables*.json beside --data)")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N records")
+    parser.add_argument("--n-databases", type=int, default=3, metavar="K",
+                        help="synthesized databases per schema; a prediction must match gold on all K (default 3)")
+    parser.add_argument("--keep-dbs", metavar="DIR", help="write the synthesized databases here (default: temporary)")
     parser.add_argument("--metric", default="auto", choices=METRICS)
     parser.add_argument("--out", metavar="FILE", help="results JSON (default: RUN_DIR/eval/<data name>.json)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
@@ -421,6 +426,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     result = evaluate(args.adapter, args.data, limit=args.limit, metric=args.metric, db_dir=args.db_dir,
                       tables=args.tables, out=args.out, max_new_tokens=args.max_new_tokens,
-                      batch_size=args.batch_size, base=args.base, device=args.device, load_in_4bit=args.load_in_4bit)
+                      batch_size=args.batch_size, base=args.base, device=args.device, load_in_4bit=args.load_in_4bit,
+                      n_databases=args.n_databases, synth_dir=args.keep_dbs)
     print(format_summary(result["summary"]))
     return 0

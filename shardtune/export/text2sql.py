@@ -3,8 +3,9 @@
 Spider's real databases are large and not shipped, but its schemas are (tables.json). `build_database` creates the
 tables with their types and keys and fills them with seeded synthetic rows (foreign keys point at existing rows,
 values repeat so GROUP BY / WHERE / ORDER BY separate right from wrong queries, and literals taken from the gold
-queries are planted so that their WHERE clauses select something). Execution accuracy on such content is a proxy in
-the spirit of test-suite accuracy (Zhong et al., 2020), not the official Spider number; pass real
+queries are planted so that their WHERE clauses select something); each schema gets several such databases with
+different seeds and a prediction must agree with the gold query on all of them. Execution accuracy on such content is
+a proxy in the spirit of test-suite accuracy (Zhong et al., 2020), not the official Spider number; pass real
 `<db_dir>/<db_id>/<db_id>.sqlite` files for that.
 """
 
@@ -20,7 +21,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 from shardtune.errors import DataError
 
@@ -105,12 +106,68 @@ def sql_literals(sql: str) -> tuple[list[str], list[float]]:
         if tok[0] in "'\"":
             s = tok[1:-1].replace(tok[0] * 2, tok[0])
             strings.append(s.strip("%"))
-        elif tok[0].isdigit() or (tok[0] == "." and len(tok) > 1):
+        elif re.fullmatch(r"\d+\.?\d*|\.\d+", tok):
             prev = toks[i - 1].lower() if i else ""
             if prev in ("limit", "offset"):
                 continue
             numbers.append(float(tok))
     return [s for s in strings if s], numbers
+
+
+_COMPARE = {"=", "!=", "<>", "==", ">", "<", ">=", "<=", "like"}
+
+
+def _literal_value(tok: str):
+    if tok[0] in "'\"":
+        return tok[1:-1].replace(tok[0] * 2, tok[0])
+    if re.fullmatch(r"\d+\.?\d*|\.\d+", tok):
+        v = float(tok)
+        return int(v) if v.is_integer() else v
+    return None
+
+
+def column_literals(sql: str) -> dict[str, list]:
+    """Values a query compares columns against, by lower-cased column name: `T1.age > 30`, `name LIKE '%x%'`,
+    `year BETWEEN 1990 AND 2000`, `city IN ('a', 'b')`. Planting them in those columns makes WHERE clauses select rows."""
+    toks = sql_tokens(sql)
+    low = [t.lower() for t in toks]
+    out: dict[str, list] = {}
+
+    def add(col: str, v):
+        if v is not None and v != "":
+            out.setdefault(col.lower(), []).append(v)
+
+    for i, t in enumerate(low):
+        if not re.match(r"[a-z_]", t) or t in _COMPARE:
+            continue
+        nxt = low[i + 1] if i + 1 < len(low) else ""
+        if nxt == "not" and i + 2 < len(low):
+            i, nxt = i + 1, low[i + 2]
+        if nxt in _COMPARE and i + 2 < len(toks):
+            v = _literal_value(toks[i + 2])
+            if isinstance(v, str) and nxt == "like":
+                v = ("like", v)
+            add(t, v)
+        elif nxt == "between" and i + 4 < len(toks) and low[i + 3] == "and":
+            a, b = _literal_value(toks[i + 2]), _literal_value(toks[i + 4])
+            add(t, a)
+            add(t, b)
+            if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+                add(t, (a + b) // 2 if isinstance(a, int) and isinstance(b, int) else (a + b) / 2)
+        elif nxt == "in" and i + 2 < len(low) and low[i + 2] == "(":
+            j = i + 3
+            while j < len(toks) and low[j] != ")":
+                add(t, _literal_value(toks[j]) if low[j] != "," else None)
+                j += 1
+    return out
+
+
+def _like_example(pattern: str, rng: random.Random) -> str:
+    """A string matching a LIKE pattern: % becomes a word, _ a letter."""
+    out = []
+    for ch in pattern:
+        out.append(rng.choice(_WORDS) if ch == "%" else ("x" if ch == "_" else ch))
+    return "".join(out)
 
 
 # ---------------------------------------------------------------- execution
@@ -329,8 +386,10 @@ def _sql_type(col: Column) -> str:
 class _ValueMaker:
     """Seeded column values: few distinct values per column (so groups and duplicates exist), plus planted literals."""
 
-    def __init__(self, rng: random.Random, strings: list[str], numbers: list[float]):
+    def __init__(self, rng: random.Random, strings: list[str], numbers: list[float],
+                 by_column: Optional[dict[str, list]] = None):
         self.rng = rng
+        self._by_column_values = {k: list({repr(x): x for x in v}.values()) for k, v in (by_column or {}).items()}
         self.strings = sorted(set(strings))
         nums = set()
         for n in numbers:
@@ -339,6 +398,14 @@ class _ValueMaker:
 
     def value(self, col: Column, row: int, n_distinct: int):
         r = self.rng
+        planted = self._by_column_values.get(col.name.lower())
+        if planted and r.random() < 0.5:
+            v = r.choice(planted)
+            if isinstance(v, tuple):  # a LIKE pattern
+                return _like_example(v[1], r)
+            if col.type == "number" and isinstance(v, (int, float)):
+                return v + r.choice((0, 0, -1, 1))  # both sides of `>` / `<` comparisons
+            return v
         if col.type == "number":
             decimal = _DECIMAL_NAME.search(col.name) is not None
             if self.numbers and r.random() < 0.35:
@@ -368,7 +435,7 @@ class _ValueMaker:
         return vals
 
 
-def build_database(schema: Schema, path: str | Path, rows_per_table: int = 12, seed: int = 0,
+def build_database(schema: Schema, path: str | Path, rows_per_table: int = 20, seed: int = 0,
                    literals: Iterable[str] = ()) -> Path:
     """Create `path` as a SQLite file with `schema`'s tables (types, primary and foreign keys) and seeded rows.
 
@@ -376,12 +443,15 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 12, s
     whose strings and numbers are planted into the value pools.
     """
     strings, numbers = [], []
+    by_column: dict[str, list] = {}
     for sql in literals:
         s, n = sql_literals(sql)
         strings += s
         numbers += n
+        for col, vals in column_literals(sql).items():
+            by_column.setdefault(col, []).extend(vals)
     rng = random.Random(f"{schema.db_id}:{seed}")
-    maker = _ValueMaker(rng, strings, numbers)
+    maker = _ValueMaker(rng, strings, numbers, by_column)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -405,9 +475,15 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 12, s
                 pool = referenced[parent]
                 referenced[key] = rng.sample(pool, min(rows_per_table, len(pool)))
 
-    conn = sqlite3.connect(tmp)
+    # sqlite_* names are SQLite's own (Spider lists sqlite_sequence for AUTOINCREMENT tables); SQLite makes them.
+    tables = [t for t in schema.tables if not t.name.lower().startswith("sqlite_")]
+    conn = sqlite3.connect(tmp, isolation_level=None)
+    # A scratch file renamed into place when complete: no journal, no fsync, one transaction for everything.
+    conn.execute("PRAGMA journal_mode=OFF")
+    conn.execute("PRAGMA synchronous=OFF")
+    conn.execute("BEGIN")
     try:
-        for t in schema.tables:
+        for t in tables:
             col_defs = [f"{_quote(c.name)} {_sql_type(c)}" for c in t.columns]
             if t.primary_key:
                 col_defs.append(f"PRIMARY KEY ({', '.join(_quote(c) for c in t.primary_key)})")
@@ -416,7 +492,7 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 12, s
                     col_defs.append(f"FOREIGN KEY ({_quote(sc)}) REFERENCES {_quote(dt)}({_quote(dc)})")
             conn.execute(f"CREATE TABLE {_quote(t.name)} ({', '.join(col_defs)})")
 
-        for t in schema.tables:
+        for t in tables:
             n = rows_per_table
             single_pk = t.primary_key[0] if len(t.primary_key) == 1 else None
             columns: dict[str, list] = {}
@@ -428,8 +504,9 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 12, s
                     pool = referenced[fk_of[key]]
                     if c.name == single_pk:  # a key that is also a reference (1:1 tables) must stay unique
                         columns[c.name] = rng.sample(pool, min(n, len(pool)))
-                    else:
-                        columns[c.name] = [rng.choice(pool) for _ in range(n)]
+                    else:  # skewed: some parents get many children (HAVING count(*) > k), some none (NOT IN)
+                        weights = [1.0 / (k + 1) for k in range(len(pool))]
+                        columns[c.name] = rng.choices(pool, weights=weights, k=n)
                 elif c.name == single_pk:
                     columns[c.name] = maker.unique(c, n)
                 else:
@@ -440,7 +517,7 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 12, s
             placeholders = ", ".join("?" for _ in t.columns)
             # Composite keys can collide by chance; dropping the duplicate row keeps the key valid.
             conn.executemany(f"INSERT OR IGNORE INTO {_quote(t.name)} VALUES ({placeholders})", rows)
-        conn.commit()
+        conn.execute("COMMIT")
     finally:
         conn.close()
     tmp.replace(path)
@@ -448,19 +525,22 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 12, s
 
 
 class DatabaseProvider:
-    """The SQLite file for a record: a real `<db_dir>/<db_id>/<db_id>.sqlite` when present, else one synthesized
-    from the schema registered under the record's schema key (its db_id, or a per-record key for schemas that only
-    exist as CREATE TABLE text in the prompt)."""
+    """The SQLite files a record is executed on: a real `<db_dir>/<db_id>/<db_id>.sqlite` when present, else
+    `n_databases` synthesized from the schema registered under the record's schema key (its db_id, or a per-record
+    key for schemas that only exist as CREATE TABLE text in the prompt), each with its own seed. A prediction counts
+    as correct only if it agrees with the gold query on all of them: one random database lets some wrong queries
+    through by luck (empty results, ties), several catch most of those (test-suite accuracy's idea)."""
 
     def __init__(self, cache_dir: str | Path, db_dir: str | Path | None = None,
-                 schemas: Optional[dict[str, Schema]] = None, seed: int = 0, rows_per_table: int = 12):
+                 schemas: Optional[dict[str, Schema]] = None, seed: int = 0, rows_per_table: int = 20,
+                 n_databases: int = 3):
         self.cache_dir = Path(cache_dir)
         self.db_dir = Path(db_dir) if db_dir else None
         self.schemas: dict[str, Schema] = dict(schemas or {})
         self.gold: dict[str, list[str]] = {}  # schema key -> gold queries whose literals are planted
-        self.seed = seed
+        self.seeds = [seed + i for i in range(max(1, n_databases))]
         self.rows_per_table = rows_per_table
-        self._paths: dict[str, tuple[Optional[Path], Optional[str]]] = {}
+        self._paths: dict[str, tuple[list[Path], Optional[str]]] = {}
 
     def add_schema(self, key: str, schema: Schema) -> None:
         self.schemas.setdefault(key, schema)
@@ -474,21 +554,32 @@ class DatabaseProvider:
         p = self.db_dir / db_id / f"{db_id}.sqlite"
         return p if p.is_file() else None
 
-    def path_for(self, db_id: Optional[str], key: Optional[str] = None) -> tuple[Optional[Path], Optional[str]]:
-        """(path, 'real' | 'synthetic'), or (None, None) when neither a database nor a schema is known."""
+    def paths_for(self, db_id: Optional[str], key: Optional[str] = None) -> tuple[list[Path], Optional[str]]:
+        """([paths], 'real' | 'synthetic'), or ([], None) when neither a database nor a schema is known."""
         real = self.real_path(db_id)
         if real is not None:
-            return real, "real"
+            return [real], "real"
         key = key or db_id
         if key is None:
-            return None, None
+            return [], None
         if key not in self._paths:
-            found: tuple[Optional[Path], Optional[str]] = (None, None)
+            found: tuple[list[Path], Optional[str]] = ([], None)
             if key in self.schemas:
                 safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-                path = build_database(self.schemas[key], self.cache_dir / f"{safe}.sqlite",
-                                      rows_per_table=self.rows_per_table, seed=self.seed,
-                                      literals=self.gold.get(key, ()))
-                found = (path, "synthetic")
+                paths = [build_database(self.schemas[key], self.cache_dir / f"{safe}.s{seed}.sqlite",
+                                        rows_per_table=self.rows_per_table, seed=seed,
+                                        literals=self.gold.get(key, ()))
+                         for seed in self.seeds]
+                found = (paths, "synthetic")
             self._paths[key] = found
         return self._paths[key]
+
+
+def execution_match_all(db_paths: Sequence[Path], gold_sql: str, pred_sql: str, timeout_s: float = 5.0) -> ExecResult:
+    """Correct only if correct on every database; unscored if the gold query fails on any."""
+    result = ExecResult(None)
+    for p in db_paths:
+        result = execution_match(p, gold_sql, pred_sql, timeout_s)
+        if result.match is not True:
+            return result
+    return result
