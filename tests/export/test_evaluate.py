@@ -1,0 +1,155 @@
+"""evaluate() end to end: a tiny adapter, an oracle and a wrong predictor, generic loss, real Spider-format files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from shardtune.errors import ConfigError, DataError
+from shardtune.export import evaluate as ev_mod
+from shardtune.export.adapter import load_for_inference
+from shardtune.export.evaluate import evaluate, read_records, render_example_ids, to_eval_record
+
+from test_text2sql import SCHEMA_ENTRY, SHARED_DATA
+
+RECORDS = [
+    {"db_id": "music", "instruction": "Schema: singer(singer_id, name, country, age).", "input": "Singers over 30?",
+     "output": "SELECT name FROM singer WHERE age > 30"},
+    {"db_id": "music", "instruction": "Schema: singer(singer_id, name, country, age).", "input": "How many French?",
+     "output": "SELECT count(*) FROM singer WHERE country = 'France'"},
+    {"db_id": "music", "instruction": "Schema: concert(concert_id, singer_id, year).", "input": "Concerts per year",
+     "output": "SELECT year, count(*) FROM concert GROUP BY year"},
+]
+
+
+@pytest.fixture
+def sql_file(tmp_path) -> Path:
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "tables.json").write_text(json.dumps([SCHEMA_ENTRY]))
+    p = d / "dev.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
+    return p
+
+
+def oracle(records):
+    return [r.gold for r in records]
+
+
+def test_oracle_scores_one_and_a_wrong_predictor_zero(tiny_run, sql_file, tmp_path):
+    res = evaluate(tiny_run.run_dir, sql_file, predict_fn=oracle, out=tmp_path / "o.json")
+    s = res["summary"]
+    assert s["metric"] == "sql" and s["n"] == 3
+    assert s["exact_match"] == 1.0 and s["execution_accuracy"] == 1.0 and s["execution_scored"] == 3
+    assert s["databases"] == {"synthetic": 3} and "proxy" in s["note"]
+    saved = json.loads((tmp_path / "o.json").read_text())
+    assert saved["summary"]["execution_accuracy"] == 1.0 and len(saved["records"]) == 3
+
+    # right result, different text: execution accuracy counts it, exact match does not
+    rewritten = ["SELECT s.name FROM singer AS s WHERE NOT s.age <= 30",
+                 "SELECT COUNT(singer_id) FROM singer WHERE 'France' = country",
+                 "SELECT year, count(*) FROM concert GROUP BY 1"]
+    s = evaluate(tiny_run.run_dir, sql_file, predict_fn=lambda recs: rewritten, out=tmp_path / "r.json")["summary"]
+    assert s["exact_match"] == 0.0 and s["execution_accuracy"] == 1.0
+
+    wrong = ["SELECT name FROM singer WHERE age < 30", "SELECT count(*) FROM singer", "SELECT year FROM concert"]
+    s = evaluate(tiny_run.run_dir, sql_file, predict_fn=lambda recs: wrong, out=tmp_path / "w.json")["summary"]
+    assert s["exact_match"] == 0.0 and s["execution_accuracy"] == 0.0
+
+
+def test_real_model_end_to_end(tiny_run, sql_file, tmp_path):
+    res = evaluate(tiny_run.run_dir, sql_file, max_new_tokens=16, device="cpu")
+    s = res["summary"]
+    assert s["n"] == 3 and s["predictions"] == "greedy generation"
+    assert 0.0 <= s["exact_match"] <= 1.0 and s["execution_scored"] + s["execution_unscored"]["no_database"] == 3
+    out = tiny_run.run_dir / "eval" / "dev.json"  # default location
+    assert s["out"] == str(out) and out.is_file()
+    assert all(isinstance(r["pred"], str) for r in res["records"])
+    assert "exact match" in ev_mod.format_summary(s)
+
+
+def test_limit_and_real_database_dir(tiny_run, sql_file, tmp_path):
+    from shardtune.export import text2sql as t
+
+    # a "real" database under --db-dir takes precedence over synthesis
+    db_dir = tmp_path / "dbs"
+    t.build_database(t.schema_from_spider(SCHEMA_ENTRY), db_dir / "music" / "music.sqlite", seed=7)
+    s = evaluate(tiny_run.run_dir, sql_file, predict_fn=oracle, db_dir=db_dir, limit=2,
+                 out=tmp_path / "x.json")["summary"]
+    assert s["n"] == 2 and s["databases"] == {"real": 2} and "note" not in s
+
+
+def test_generic_loss_matches_a_direct_computation(tiny_run, tmp_path):
+    recs = [{"instruction": "Say hi", "input": "", "output": "hi there"},
+            {"instruction": "Count", "input": "1 2", "output": "3 4 5"}]
+    p = tmp_path / "chat.json"
+    p.write_text(json.dumps(recs))
+    model, tok = load_for_inference(tiny_run.run_dir, device="cpu")
+    res = evaluate(tiny_run.run_dir, p, model=model, tokenizer=tok, max_new_tokens=4, out=tmp_path / "g.json")
+    s = res["summary"]
+    assert s["metric"] == "generic" and s["exact_match"] == 0.0
+
+    # reference: one sequence at a time, no padding, loss on the answer tokens only
+    total, count = 0.0, 0
+    for i, r in enumerate(recs):
+        er = to_eval_record(i, r, {})
+        ids, n_prompt = render_example_ids(er.messages, er.gold, tok, chat=True)
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        logp = torch.log_softmax(logits.float(), -1)
+        for pos in range(n_prompt, len(ids)):
+            total -= logp[pos - 1, ids[pos]].item()
+            count += 1
+    assert s["loss_tokens"] == count
+    assert s["eval_loss"] == pytest.approx(total / count, rel=1e-4)
+    assert s["perplexity"] == pytest.approx(math.exp(total / count), rel=1e-4)
+
+
+def test_record_formats_and_errors(tmp_path):
+    schemas = {}
+    r = to_eval_record(0, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
+                       schemas)
+    assert r.messages == [{"role": "user", "content": "q"}] and r.gold == "a"
+    r = to_eval_record(0, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, schemas)
+    assert r.messages[0]["role"] == "user" and r.gold == "a"
+    r = to_eval_record(0, {"instruction": "concert_singer contains tables such as singer.", "input": "How many?",
+                           "output": "SELECT count(*) FROM singer"}, schemas)
+    assert r.db_id == "concert_singer" and r.prompt.endswith("\n\nHow many?")
+    with pytest.raises(DataError, match="record 3 has keys"):
+        to_eval_record(3, {"foo": 1}, schemas)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a"}\n{oops\n')
+    with pytest.raises(DataError, match="bad.jsonl:2"):
+        read_records(bad)
+    with pytest.raises(DataError, match="not found"):
+        read_records(tmp_path / "missing.json")
+    good = tmp_path / "good.jsonl"
+    good.write_text('{"text": "a"}\n')
+    with pytest.raises(ConfigError, match="needs --adapter"):
+        evaluate(None, good, metric="generic")
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "text2sql" / "spider_dev.json").is_file(), reason="shared data not present")
+@pytest.mark.parametrize("name", ["spider_dev.json", "spider_dev_alpaca.json", "example_text2sql.json"])
+def test_shared_text2sql_files_with_an_oracle(name, tmp_path):
+    # Spider's own format and DB-GPT-Hub's two exports: every record finds a schema (tables.json beside the file, the
+    # db_id named in the instruction, or CREATE TABLE statements in the prompt) and the gold SQL scores itself 1.0
+    s = evaluate(None, SHARED_DATA / "text2sql" / name, predict_fn=oracle, limit=25, out=tmp_path / "o.json")["summary"]
+    assert s["n"] == 25 and s["exact_match"] == 1.0
+    assert s["execution_unscored"]["no_database"] == 0 and s["execution_scored"] >= 23
+    assert s["execution_accuracy"] == 1.0
+
+
+def test_cli_evaluate(tiny_run, sql_file, tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    ev_mod.add_arguments(parser)
+    args = parser.parse_args(["--adapter", str(tiny_run.run_dir), "--data", str(sql_file), "--limit", "1",
+                              "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "cli.json")])
+    assert ev_mod.run(args) == 0
+    assert "execution accuracy" in capsys.readouterr().out
+    assert json.loads((tmp_path / "cli.json").read_text())["summary"]["n"] == 1
