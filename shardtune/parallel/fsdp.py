@@ -1,0 +1,236 @@
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): one FSDP unit per decoder layer, the embeddings and the LM head
+their own units (when untied), the rest in the root. QLoRA's 4-bit base is sharded through `ShardedLinear4bit`
+(shardtune.parallel.quant4): the packed weights and their quantization constants are ordinary frozen parameters.
+
+ZeRO stages map to `reshard_after_forward`: 3 frees the gathered layer after its forward (re-gathers it in backward),
+2 keeps it until backward. `CPUOffloadPolicy` keeps the shards, their gradients and the optimizer step on the CPU:
+FSDP2 offloads parameters and optimizer state together, so `offload_param` or `offload_optimizer` turns on both.
+
+`shard_model` is the public entry point and also works on a model on the meta device (see docs/distributed.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardtune.errors import ConfigError
+from shardtune.parallel.balance import tensor_local_bytes
+from shardtune.parallel.base import Engine
+from shardtune.train.optim import build_optimizer, build_scheduler
+
+
+def _fsdp_api():
+    try:
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+    except ImportError:  # torch 2.4/2.5 kept FSDP2 under _composable
+        from torch.distributed._composable.fsdp import (CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy,
+                                                        fully_shard)
+    return fully_shard, MixedPrecisionPolicy, CPUOffloadPolicy, OffloadPolicy
+
+
+def decoder_layers(model: nn.Module) -> list[nn.Module]:
+    """The repeated transformer blocks: classes named in transformers' `_no_split_modules`, else the longest
+    ModuleList (every decoder-only model in transformers keeps its blocks in one)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(base, "_no_split_modules", None) or [])
+    layers = [m for m in model.modules() if type(m).__name__ in names]
+    if layers:
+        return layers
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ConfigError(f"parallel.strategy=fsdp: found no decoder layers in {type(base).__name__}; "
+                          "use parallel.strategy=ddp or deepspeed for this model")
+    return list(max(lists, key=len))
+
+
+def mixed_precision_policy(compute_dtype: torch.dtype):
+    """Gather parameters in the compute dtype (bf16/fp16), reduce LoRA gradients in fp32. fp32 runs need no policy."""
+    _, MixedPrecisionPolicy, _, _ = _fsdp_api()
+    if compute_dtype == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+
+
+def check_quant_storage(model: nn.Module, mp_policy) -> None:
+    """FSDP2 casts floating-point parameters to `param_dtype` before the all-gather. The packed 4-bit bytes live in
+    a float tensor (quant storage dtype); a cast would reinterpret them as numbers and scramble every weight."""
+    from shardtune.parallel.quant4 import ShardedLinear4bit
+    want = mp_policy.param_dtype
+    if want is None:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, ShardedLinear4bit):
+            st = m.layout.storage_dtype
+            if st.is_floating_point and st != want:
+                raise ConfigError(f"4-bit weights of {name} are stored as {str(st).replace('torch.', '')} but FSDP "
+                                  f"would gather them as {str(want).replace('torch.', '')} (train.precision), which "
+                                  "scrambles the packed bytes; load the model with bnb_4bit_quant_storage equal to "
+                                  "the compute dtype (shardtune's loader does) or use uint8 storage")
+
+
+def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """Shard `model` in place with FSDP2 and return it.
+
+    Works on a materialized model (each rank loaded a full replica; the replica is freed as shards are cut) and on a
+    model whose parameters are on the meta device (nothing is allocated: call `model.to_empty(device=...)` after this,
+    then fill each parameter's local shard with `copy_full_into` / `shardtune.parallel.quant4.quantize_into`).
+    Every bitsandbytes Linear4bit is first converted to ShardedLinear4bit so that its constants shard too.
+    `cfg` supplies parallel.zero_stage, parallel.offload_param and parallel.offload_optimizer."""
+    from shardtune.parallel.quant4 import make_shardable
+    fully_shard, _, CPUOffloadPolicy, OffloadPolicy = _fsdp_api()
+    if mesh is None:
+        from torch.distributed.device_mesh import init_device_mesh
+        import torch.distributed as dist
+        dev = "cuda" if torch.cuda.is_available() and dist.get_backend() == "nccl" else "cpu"
+        mesh = init_device_mesh(dev, (dist.get_world_size(),))
+    make_shardable(model, weight_dtype=compute_dtype)
+    mp = mixed_precision_policy(compute_dtype)
+    check_quant_storage(model, mp)
+    p = cfg.parallel
+    offload = p.offload_param or p.offload_optimizer
+    off = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
+    reshard = p.zero_stage == 3
+    kw = dict(mesh=mesh, mp_policy=mp, offload_policy=off)
+    for layer in decoder_layers(model):
+        fully_shard(layer, reshard_after_forward=reshard, **kw)
+    # Embeddings and LM head are the largest single tensors (vocab x hidden); separate units gather one at a time.
+    # Tied weights must stay in one unit, so they are left to the root.
+    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = emb is not None and head is not None and emb.weight is head.weight
+    if not tied:
+        for m in (emb, head):
+            if m is not None and any(True for _ in m.parameters()):
+                fully_shard(m, reshard_after_forward=reshard, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
+    """Copy this rank's piece of the full tensor `full` into `param` (a sharded DTensor parameter or a plain one)."""
+    with torch.no_grad():
+        if hasattr(param, "to_local"):
+            from torch.distributed.tensor import Shard
+            mesh, placements = param.device_mesh, param.placements
+            if mesh.ndim != 1 or not isinstance(placements[0], Shard) or placements[0].dim != 0:
+                raise ValueError(f"copy_full_into supports 1-D meshes with Shard(0), got {placements}")
+            local = param.to_local()
+            chunks = torch.chunk(full, mesh.size(), dim=0)
+            r = mesh.get_local_rank()
+            if r < len(chunks) and local.numel():
+                local.copy_(chunks[r].reshape(local.shape))
+        else:
+            param.copy_(full.reshape(param.shape))
+
+
+def _is_dtensor(t) -> bool:
+    return hasattr(t, "to_local") and hasattr(t, "full_tensor")
+
+
+class FSDPEngine(Engine):
+    name = "fsdp"
+
+    def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
+        from torch.distributed.device_mesh import init_device_mesh
+        self.mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+        shard_model(model, self.cfg, self.mesh, self.compute_dtype)
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        p = self.cfg.parallel
+        self.offload = p.offload_param or p.offload_optimizer
+        opt_device = torch.device("cpu") if self.offload else self.device
+        self.optimizer = build_optimizer(self.params, self.cfg.train, opt_device)
+        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
+        self.scaler = None
+        if self.compute_dtype == torch.float16:
+            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+            self.scaler = ShardedGradScaler()
+        return model
+
+    def accumulating(self, is_last_micro_step: bool):
+        # without sync FSDP2 keeps unsharded gradients between micro steps (small: only LoRA parameters train)
+        self.model.set_requires_gradient_sync(is_last_micro_step)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # FSDP2 averages gradients over ranks; the loss convention wants their sum
+        loss = loss * self.dist.world_size
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def _grad_norm(self) -> torch.Tensor:
+        import torch.distributed as dist
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for p in self.params:
+            if p.grad is not None:
+                g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+                sq += g.detach().float().pow(2).sum().to(self.device)
+        dist.all_reduce(sq)
+        return sq.sqrt()
+
+    def step(self) -> torch.Tensor:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        norm = self._grad_norm()
+        clip = self.cfg.train.grad_clip
+        if clip > 0:
+            coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
+            for p in self.params:
+                if p.grad is not None:
+                    g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
+                    g.mul_(coef.to(g.device))
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    # -- checkpoints ----------------------------------------------------------------------------------------------
+    def _dcp_state(self):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+        opts = StateDictOptions(ignore_frozen_params=True)
+        msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
+        return {"model": msd, "optim": osd}, opts
+
+    def save_checkpoint(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
+        """Sharded: each rank writes its shard of the LoRA weights and of the AdamW state (DCP); rank 0 adds the
+        scheduler and the caller's state. Frozen (base) weights are not written: they come from the model dir."""
+        import torch.distributed.checkpoint as dcp
+        state, _ = self._dcp_state()
+        dcp.save(state, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
+        if self.dist.is_main:
+            torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state,
+                        "scaler": self.scaler.state_dict() if self.scaler else None, "world_size": self.dist.world_size},
+                       Path(ckpt_dir) / "engine_meta.pt")
+
+    def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any]:
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        state, opts = self._dcp_state()
+        dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
+                       options=opts)
+        meta = torch.load(Path(ckpt_dir) / "engine_meta.pt", map_location="cpu", weights_only=False)
+        self.scheduler.load_state_dict(meta["scheduler"])
+        if self.scaler and meta.get("scaler"):
+            self.scaler.load_state_dict(meta["scaler"])
+        return meta["client"]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                t = p.full_tensor() if _is_dtensor(p) else p
+                out[n] = t.detach().to("cpu", copy=True)
+        return out
+
+    def local_param_bytes(self) -> int:
+        # counts offloaded shards too: they are this rank's share, wherever they live
+        return sum(tensor_local_bytes(p) for p in self.model.parameters())

@@ -1,0 +1,134 @@
+"""Process-group set-up and self-launch: `shardtune train --nproc N` re-runs itself under torchrun; runs started by
+torchrun, the deepspeed launcher or Slurm's srun are recognised and joined."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import re
+import subprocess
+import sys
+
+import torch
+
+from shardtune.errors import ConfigError, EnvironmentProblem
+from shardtune.parallel.base import DistInfo
+
+
+def detect_launcher(env: dict | None = None) -> str | None:
+    """'torchrun' | 'deepspeed' | 'slurm' | 'env' (RANK/WORLD_SIZE set by something else) | None (plain process)."""
+    env = os.environ if env is None else env
+    if "TORCHELASTIC_RUN_ID" in env or "TORCHELASTIC_RESTART_COUNT" in env:
+        return "torchrun"
+    if "WORLD_SIZE" in env and "RANK" in env:
+        # deepspeed's launcher (deepspeed.launcher.launch) exports these plus CROSS_RANK / LOCAL_SIZE
+        return "deepspeed" if "CROSS_RANK" in env or "DS_ACCELERATOR_LAUNCH" in env else "env"
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return "slurm"
+    return None
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm node list such as 'gpu[03-05,07],cpu1' -> 'gpu03' (what `scontrol show hostnames`
+    prints first), without needing scontrol on the compute node."""
+    m = re.match(r"([^,\[]+)(\[([^\]]+)\])?", nodelist.strip())
+    if not m:
+        return nodelist
+    prefix, ranges = m.group(1), m.group(3)
+    if not ranges:
+        return prefix
+    return prefix + ranges.split(",")[0].split("-")[0]
+
+
+def _env_from_slurm() -> None:
+    """Export what torch's env:// rendezvous needs from srun's variables (one task per GPU)."""
+    env = os.environ
+    env.setdefault("RANK", env["SLURM_PROCID"])
+    env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
+    env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))
+    if "MASTER_ADDR" not in env:
+        env["MASTER_ADDR"] = _first_slurm_host(env.get("SLURM_STEP_NODELIST", env.get("SLURM_JOB_NODELIST", "127.0.0.1")))
+    if "MASTER_PORT" not in env:
+        # a port derived from the job id, so two jobs sharing a node do not collide
+        env["MASTER_PORT"] = str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)
+
+
+def backend_for(device: torch.device) -> str:
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def init_distributed(dist: DistInfo, device: torch.device, timeout_min: float = 30.0) -> None:
+    """Join the process group (nccl on CUDA, gloo on CPU). Idempotent. DeepSpeed attaches to the same group later
+    (deepspeed.init_distributed finds torch.distributed initialised), so one call serves every engine."""
+    import torch.distributed as tdist
+    if dist.world_size <= 1 or tdist.is_initialized():
+        return
+    if detect_launcher() == "slurm":
+        _env_from_slurm()
+    missing = [k for k in ("MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise EnvironmentProblem(f"{' and '.join(missing)} not set for a {dist.world_size}-process run; start it with "
+                                 "`shardtune train --nproc N`, torchrun, the deepspeed launcher or srun")
+    os.environ.setdefault("RANK", str(dist.rank))
+    os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
+    os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
+    kw = dict(backend=backend_for(device), rank=dist.rank, world_size=dist.world_size,
+              timeout=datetime.timedelta(minutes=timeout_min))
+    if device.type == "cuda":
+        kw["device_id"] = device  # binds NCCL to this GPU up front (no guessing from LOCAL_RANK)
+    tdist.init_process_group(**kw)
+
+
+def init_deepspeed_comm(device: torch.device) -> None:
+    """Make DeepSpeed's communication layer use the torch process group already created by `init_distributed`."""
+    import deepspeed
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        deepspeed.init_distributed(dist_backend=tdist.get_backend())
+    else:
+        deepspeed.init_distributed(dist_backend=backend_for(device))
+
+
+def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
+             master_port: int = 29500) -> int:
+    """Run `shardtune train <argv>` as nproc x nnodes processes through torchrun; returns torchrun's exit code.
+
+    Single node uses torchrun's standalone rendezvous only if no address was given; multi-node passes --nnodes,
+    --node-rank, --master-addr and --master-port (static rendezvous: start the same command on every node)."""
+    if nproc < 1 or nnodes < 1:
+        raise ConfigError(f"--nproc {nproc} / --nnodes {nnodes}: both must be >= 1")
+    if nnodes > 1 and not 0 <= node_rank < nnodes:
+        raise ConfigError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
+    if torch.cuda.is_available() and nproc > torch.cuda.device_count() and os.environ.get("SHARDTUNE_ALLOW_OVERSUBSCRIBE") != "1":
+        raise ConfigError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) are visible; use --nproc "
+                          f"{torch.cuda.device_count()} (one process per GPU)")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
+    if nnodes > 1:
+        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", master_addr,
+                "--master-port", str(master_port)]
+    else:
+        cmd += ["--master-addr", master_addr, "--master-port", str(master_port)]
+    cmd += ["-m", "shardtune.cli", "train", *strip_launch_args(argv)]
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
+    try:
+        return subprocess.call(cmd, env=env)
+    except KeyboardInterrupt:
+        return 130
+
+
+def strip_launch_args(argv: list[str]) -> list[str]:
+    """argv without --nproc/--nnodes/--node-rank/--master-addr/--master-port (in both '--x v' and '--x=v' forms)."""
+    flags = {"--nproc", "--nnodes", "--node-rank", "--master-addr", "--master-port"}
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a in flags:
+            skip = True
+            continue
+        if a.split("=", 1)[0] in flags and "=" in a:
+            continue
+        out.append(a)
+    return out

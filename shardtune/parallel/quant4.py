@@ -1,0 +1,257 @@
+"""A bitsandbytes 4-bit linear layer whose weights *and* quantization constants are plain parameters, so that FSDP2
+and DeepSpeed ZeRO-3 can shard all of them.
+
+Why: `fully_shard` replaces every parameter with a DTensor-backed `nn.Parameter`, which drops the `Params4bit` subclass
+and the `quant_state` hanging off it; the stock `Linear4bit.forward` then cannot dequantize. ZeRO-3 keeps the Parameter
+objects, but the constants in `quant_state` (absmax per 64-value block, ~3% of the packed bytes with double quant) stay
+replicated on every rank. `ShardedLinear4bit` keeps the packed 4-bit data in `weight` (dtype = quant storage dtype,
+shape [(out*in+1)//(2*itemsize), 1], exactly bitsandbytes' layout) and packs the per-layer constants (absmax, nested
+absmax, offset) as raw bytes into a second frozen parameter `quant_blob` of the same storage dtype. Only the fixed
+lookup tables (16 + 256 floats) stay replicated. The forward rebuilds a `QuantState` from the gathered blob and calls
+bitsandbytes' own kernels, so the numbers are those of the stock layer.
+
+The class subclasses `bnb.nn.Linear4bit`, so peft still wraps it with its 4-bit LoRA layer.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+import bitsandbytes as bnb
+import bitsandbytes.functional as bnbF
+
+NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed blocksize for double-quantizing absmax
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """Where each quantization constant of one layer lives in its byte blob; computable without any data (meta)."""
+
+    out_features: int
+    in_features: int
+    blocksize: int
+    quant_type: str
+    nested: bool
+    weight_dtype: torch.dtype   # dtype dequantization produces (the model's dtype)
+    storage_dtype: torch.dtype  # dtype of `weight` and `quant_blob`
+
+    @property
+    def numel(self) -> int:
+        return self.out_features * self.in_features
+
+    @property
+    def n_blocks(self) -> int:
+        return math.ceil(self.numel / self.blocksize)
+
+    @property
+    def n_nested_blocks(self) -> int:
+        return math.ceil(self.n_blocks / NESTED_BLOCKSIZE) if self.nested else 0
+
+    @property
+    def packed_rows(self) -> int:
+        """Rows of bitsandbytes' packed weight: two 4-bit values per byte, itemsize bytes per storage element."""
+        mod = torch.tensor([], dtype=self.storage_dtype).element_size() * 2
+        return (self.numel + 1) // mod
+
+    def _offsets(self) -> tuple[int, int, int, int]:
+        """Byte offsets: absmax, nested absmax (4-aligned), offset scalar, total (padded to the storage itemsize)."""
+        absmax_bytes = self.n_blocks * (1 if self.nested else 4)
+        nested_at = -(-absmax_bytes // 4) * 4
+        offset_at = nested_at + 4 * self.n_nested_blocks
+        end = offset_at + (4 if self.nested else 0)
+        item = torch.tensor([], dtype=self.storage_dtype).element_size()
+        return 0, nested_at, offset_at, -(-end // item) * item
+
+    @property
+    def blob_numel(self) -> int:
+        item = torch.tensor([], dtype=self.storage_dtype).element_size()
+        return self._offsets()[3] // item
+
+    @property
+    def blob_bytes(self) -> int:
+        return self._offsets()[3]
+
+    def pack(self, qs) -> torch.Tensor:
+        """The constants of `qs` (a bitsandbytes QuantState) as a 1-D tensor of storage dtype."""
+        _, nested_at, offset_at, total = self._offsets()
+        out = torch.zeros(total, dtype=torch.uint8, device=qs.absmax.device)
+        a = qs.absmax.detach().contiguous().view(-1)
+        if self.nested:
+            if a.dtype != torch.uint8 or qs.state2.blocksize != NESTED_BLOCKSIZE:
+                raise ValueError("unexpected double-quant layout from bitsandbytes")
+            out[:a.numel()] = a
+            s2 = qs.state2.absmax.detach().float().contiguous().view(-1)
+            out[nested_at:nested_at + 4 * s2.numel()] = s2.view(torch.uint8)
+            off = torch.as_tensor(qs.offset, dtype=torch.float32, device=out.device).reshape(1)
+            out[offset_at:offset_at + 4] = off.view(torch.uint8)
+        else:
+            a = a.float()
+            out[:4 * a.numel()] = a.view(torch.uint8)
+        return out.view(self.storage_dtype)
+
+    def unpack(self, blob: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor | None]):
+        """A QuantState whose tensors are views into `blob` (the gathered parameter)."""
+        b = blob.reshape(-1).view(torch.uint8)
+        _, nested_at, offset_at, _ = self._offsets()
+        code, nested_code = codes
+        shape = torch.Size([self.out_features, self.in_features])
+        if self.nested:
+            state2 = bnbF.QuantState(absmax=b[nested_at:nested_at + 4 * self.n_nested_blocks].view(torch.float32),
+                                     code=nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+            return bnbF.QuantState(absmax=b[:self.n_blocks], shape=shape, code=code, blocksize=self.blocksize,
+                                   quant_type=self.quant_type, dtype=self.weight_dtype,
+                                   offset=b[offset_at:offset_at + 4].view(torch.float32)[0], state2=state2)
+        return bnbF.QuantState(absmax=b[:4 * self.n_blocks].view(torch.float32), shape=shape, code=code,
+                               blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.weight_dtype)
+
+
+def canonical_codes(quant_type: str, nested: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The fixed lookup tables bitsandbytes uses (4-bit code; 8-bit dynamic map for the nested absmax)."""
+    code = bnbF.get_4bit_type(quant_type, device="cpu")
+    return code, (bnbF.create_dynamic_map(signed=True) if nested else None)
+
+
+class _Matmul4bit(torch.autograd.Function):
+    """y = x @ dequant(W)^T, with W read from the module at backward time instead of saved.
+
+    Saving W (as bitsandbytes' own MatMul4Bit does) would keep every layer's gathered weight alive from forward to
+    backward under ZeRO-3, which frees parameters by swapping `param.data`; reading the module's parameter again in
+    backward lets the engine re-gather it (FSDP2 and ZeRO-3 both do before a module's backward)."""
+
+    @staticmethod
+    def forward(ctx, x, module):
+        ctx.module = module
+        w, qs = module.packed_and_state(x.device)
+        return bnb.matmul_4bit(x, w, quant_state=qs)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        w, qs = ctx.module.packed_and_state(grad_out.device)
+        return grad_out @ bnbF.dequantize_4bit(w.reshape(-1, 1), qs).to(grad_out.dtype), None
+
+
+class ShardedLinear4bit(bnb.nn.Linear4bit):
+    """Linear4bit with `weight` (packed 4-bit data) and `quant_blob` (its constants) as plain frozen parameters.
+
+    Build it with `make_shardable(model)`; never construct it directly."""
+
+    layout: QuantLayout
+
+    def packed_and_state(self, device: torch.device):
+        codes = self._codes.get(device)
+        if codes is None:
+            codes = tuple(c.to(device) if c is not None else None for c in self._codes["cpu"])
+            self._codes[device] = codes
+        w = self.weight
+        w = w.to_local() if hasattr(w, "to_local") else w  # a DTensor only if called outside an FSDP2 forward
+        blob = self.quant_blob
+        blob = blob.to_local() if hasattr(blob, "to_local") else blob
+        return w, self.layout.unpack(blob, codes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        inp_dtype = x.dtype
+        if self.compute_dtype is not None:
+            x = x.to(self.compute_dtype)
+        y = _Matmul4bit.apply(x, self)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.to(inp_dtype)
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The full-precision weight (for checks and merging); needs the full, gathered parameters."""
+        w, qs = self.packed_and_state(self.weight.device)
+        return bnbF.dequantize_4bit(w.reshape(-1, 1), qs)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)
+
+
+def _layout_of(m: bnb.nn.Linear4bit, storage_dtype: torch.dtype, weight_dtype: torch.dtype) -> QuantLayout:
+    p = m.weight
+    return QuantLayout(out_features=m.out_features, in_features=m.in_features, blocksize=getattr(p, "blocksize", 64),
+                       quant_type=getattr(p, "quant_type", "nf4"), nested=bool(getattr(p, "compress_statistics", True)),
+                       weight_dtype=weight_dtype, storage_dtype=storage_dtype)
+
+
+def convert_linear4bit(m: bnb.nn.Linear4bit, weight_dtype: torch.dtype | None = None) -> ShardedLinear4bit:
+    """Turn one Linear4bit (quantized, or still unquantized on the meta device) into a ShardedLinear4bit in place."""
+    if isinstance(m, ShardedLinear4bit):
+        return m
+    p = m.weight
+    qs = getattr(p, "quant_state", None) or getattr(m, "quant_state", None)
+    storage = getattr(m, "quant_storage", None) or getattr(p, "quant_storage", torch.uint8)
+    if p.device.type == "meta" and qs is None:
+        wdt = weight_dtype or (m.compute_dtype if m.compute_dtype is not None else torch.float32)
+        layout = _layout_of(m, storage, wdt)
+        packed = torch.empty(layout.packed_rows, 1, dtype=storage, device="meta")
+        blob = torch.empty(layout.blob_numel, dtype=storage, device="meta")
+        codes = canonical_codes(layout.quant_type, layout.nested)
+    else:
+        if qs is None or not getattr(p, "bnb_quantized", True):
+            raise ValueError(f"Linear4bit {m.in_features}x{m.out_features} is not quantized yet; move it to its "
+                             "device first (bitsandbytes quantizes on .to(device))")
+        if getattr(qs, "packing_format_for_cpu", False):
+            from bitsandbytes.nn.modules import _convert_weight_packed_for_cpu_inverse
+            p.data, qs = _convert_weight_packed_for_cpu_inverse(p.data, qs)
+        layout = QuantLayout(out_features=m.out_features, in_features=m.in_features, blocksize=qs.blocksize,
+                             quant_type=qs.quant_type, nested=qs.nested, weight_dtype=qs.dtype,
+                             storage_dtype=p.dtype)
+        if tuple(p.shape) != (layout.packed_rows, 1):
+            raise ValueError(f"unexpected packed 4-bit weight shape {tuple(p.shape)} (expected {layout.packed_rows}x1)")
+        packed = p.data
+        blob = layout.pack(qs)
+        codes = (qs.code.detach().cpu().clone(),
+                 qs.state2.code.detach().cpu().clone() if qs.nested else None)
+    m.__class__ = ShardedLinear4bit
+    m.layout = layout
+    m._codes = {"cpu": codes}
+    # plain Parameters: no Params4bit (its .to() would re-quantize or touch the dropped quant_state)
+    m.weight = nn.Parameter(packed, requires_grad=False)
+    m.quant_blob = nn.Parameter(blob, requires_grad=False)
+    m.quant_state = None
+    m.compute_type_is_set = True
+    return m
+
+
+def make_shardable(model: nn.Module, weight_dtype: torch.dtype | None = None) -> int:
+    """Convert every bitsandbytes Linear4bit under `model` in place; returns how many were converted."""
+    n = 0
+    for m in list(model.modules()):
+        if isinstance(m, bnb.nn.Linear4bit) and not isinstance(m, ShardedLinear4bit):
+            convert_linear4bit(m, weight_dtype)
+            n += 1
+    return n
+
+
+def quantize_into(m: ShardedLinear4bit, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize a full-precision [out, in] weight with this layer's settings; returns (packed weight, blob), both full
+    tensors, for loaders that fill the layer after sharding (copy each rank's slice with `copy_full_into`)."""
+    lay = m.layout
+    if tuple(full_weight.shape) != (lay.out_features, lay.in_features):
+        raise ValueError(f"weight shape {tuple(full_weight.shape)} != {(lay.out_features, lay.in_features)}")
+    packed, qs = bnbF.quantize_4bit(full_weight.to(lay.weight_dtype).contiguous(), blocksize=lay.blocksize,
+                                   compress_statistics=lay.nested, quant_type=lay.quant_type,
+                                   quant_storage=lay.storage_dtype)
+    return packed, lay.pack(qs)
+
+
+def quant4_bytes(model: nn.Module) -> tuple[int, int]:
+    """(packed 4-bit weight bytes, quantization-constant bytes) that this rank holds locally."""
+    from shardtune.parallel.balance import tensor_local_bytes
+    w = c = 0
+    for m in model.modules():
+        if isinstance(m, ShardedLinear4bit):
+            w += tensor_local_bytes(m.weight)
+            c += tensor_local_bytes(m.quant_blob)
+        elif isinstance(m, bnb.nn.Linear4bit):
+            w += tensor_local_bytes(m.weight)
+            qs = getattr(m.weight, "quant_state", None)
+            if qs is not None:
+                c += qs.absmax.numel() * qs.absmax.element_size()
+                if qs.nested:
+                    c += qs.state2.absmax.numel() * qs.state2.absmax.element_size() + 4
+    return w, c
