@@ -70,9 +70,11 @@ def detect_format(record: dict) -> str | None:
         turns = record["conversations"]
         first = turns[0] if isinstance(turns, list) and turns and isinstance(turns[0], dict) else {}
         return "messages" if "role" in first and "from" not in first else "sharegpt"
-    if "instruction" in keys and keys & {"output", "response"}:
+    # The remaining formats are recognised by their leading key alone, so that a first record missing its answer
+    # is reported as exactly that (a bad line) rather than as an unknown format.
+    if "instruction" in keys:
         return "alpaca"
-    if {"prompt", "completion"} <= keys:
+    if "prompt" in keys or "completion" in keys:
         return "prompt_completion"
     if "text" in keys:
         return "text"
@@ -103,8 +105,9 @@ def _first(record: dict, keys: tuple[str, ...], fmt: str, what: str) -> str:
             v = _text(record, k, fmt=fmt)
             if v is not None:
                 return v
+    others = f" (nor {' / '.join(keys[1:])})" if len(keys) > 1 else ""
     raise BadRecord(f"missing field '{keys[0]}'",
-                    f"record has no {what} ({' / '.join(keys)}; format {fmt}); keys found: "
+                    f"record has no '{keys[0]}'{others}, the {what} (format {fmt}); keys found: "
                     f"{', '.join(map(str, record)) or 'none'}")
 
 
@@ -163,7 +166,7 @@ def _alpaca(r: dict) -> Example:
     instruction = _text(r, "instruction", required=True, fmt="alpaca")
     output = _nonempty(_first(r, ("output", "response"), "alpaca", "response"), "output", "alpaca")
     extra = _text(r, "input", fmt="alpaca") or _text(r, "context", fmt="alpaca") or ""
-    user = f"{instruction}\n{extra}" if extra else instruction
+    user = f"{instruction}\n\n{extra}" if extra else instruction
     if not user.strip():
         raise BadRecord("empty 'instruction'", "fields 'instruction' and 'input' are both empty (format alpaca)")
     return Example(messages=_system(r, "alpaca") + _history(r, "alpaca") +
@@ -177,11 +180,11 @@ def _text2sql(r: dict) -> Example:
         # DB-GPT-Hub: the instruction already holds schema and task; input holds the question (or is empty).
         instruction = _text(r, "instruction", required=True, fmt=fmt)
         question = _text(r, "input", fmt=fmt) or ""
-        user = f"{instruction}\n{question}" if question else instruction
+        user = f"{instruction}\n\n{question}" if question else instruction
     else:
         question = _first(r, (*SQL_QUESTION_KEYS, "input"), fmt, "question")
         context = next((c for k in SQL_CONTEXT_KEYS if (c := _text(r, k, fmt=fmt))), "")
-        user = f"{context}\n\n-- {question}" if context else question
+        user = f"{context}\n\n{question}" if context else question
     if not user.strip():
         raise BadRecord("empty question", "record has neither a question nor a schema (format text2sql)")
     return Example(messages=_system(r, fmt) + _history(r, fmt) +
@@ -273,6 +276,7 @@ PLAIN_TEMPLATE = (
 )
 BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "alpaca": ALPACA_TEMPLATE,
                      "plain": PLAIN_TEMPLATE}
+CHAT_TEMPLATES = BUILTIN_TEMPLATES  # the name shardtune.export.generate looks up
 TEMPLATE_CHOICES = ("auto", *BUILTIN_TEMPLATES, "none")
 # Formats whose records already hold the exact text to train on, so they can go without a template.
 VERBATIM_FORMATS = ("prompt_completion", "text")
@@ -344,3 +348,21 @@ def conversation_segments(messages: list[dict], render) -> list[tuple[str, bool]
             raise TemplateNotIncremental()
         segments.append((whole[len(done):], False))
     return [(t, target) for t, target in segments if t]
+
+
+def prompt_and_answer(record: dict, fmt: str = "auto") -> tuple[list[dict], str]:
+    """(conversation up to the last assistant turn, that turn's text) of one record, laid out exactly as training
+    lays it out: what `generate` / `evaluate` should prompt with and compare against. Format `text` gives ([], text)."""
+    if fmt == "auto":
+        fmt = detect_format(record) if isinstance(record, dict) else None
+        if fmt is None:
+            keys = ", ".join(map(str, record)) if isinstance(record, dict) else type(record).__name__
+            raise DataError(f"cannot detect the record format from keys ({keys}); accepted: {FORMAT_KEYS_HELP}")
+    try:
+        ex = to_example(record, fmt)
+    except BadRecord as e:
+        raise DataError(f"record does not fit format {fmt}: {e}") from None
+    if ex.text is not None:
+        return [], ex.text
+    last = max(i for i, m in enumerate(ex.messages) if m["role"] == "assistant")
+    return ex.messages[:last], ex.messages[last]["content"]

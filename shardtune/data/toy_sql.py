@@ -132,7 +132,7 @@ def _chatml(records: list[dict]) -> list[str]:
     # for the exact strings it will see, markers included.
     out = []
     for r in records:
-        user = f"{r['instruction']}\n{r['input']}"
+        user = f"{r['instruction']}\n\n{r['input']}"
         out.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{r['output']}<|im_end|>\n</s>")
     return out
 
