@@ -1,0 +1,824 @@
+"""Load a checkpoint bigger than one GPU and than CPU RAM: meta skeleton, streamed safetensors, quantize on load,
+rank-local placement.
+
+The one-process path (`shardtune.model.load.build_model`) calls `from_pretrained`, which needs the whole model on one
+device. Here the model is built on the meta device (no memory), LoRA is added to that skeleton, a sharding engine may
+shard it (FSDP2 `fully_shard` works on meta parameters), and only then are the weights streamed in: each checkpoint
+tensor is read a few MiB at a time from the memory-mapped safetensors file, cast to the compute dtype, moved to the
+device, quantized there (NF4/FP4 or LLM.int8), handed to a `place` callback that keeps only this rank's part, and
+freed. Host memory therefore holds one chunk at a time; device memory one tensor plus what the rank keeps.
+
+The result (types, names, dtypes, 4-bit data and quantization constants, LoRA initialisation) equals what
+`build_model` produces with `from_pretrained` + BitsAndBytesConfig; tests/model/test_stream_equivalence.py checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import struct
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+import torch
+from torch import nn
+
+from shardtune.errors import ModelError
+from shardtune.model.quantize import Chunked4bit, ChunkedInt8, QuantSpec, packed_4bit_shape, quant_spec, rows_per_chunk
+
+# Reads are this big (checkpoint bytes); the host-side transient of a load is a small multiple of it.
+DEFAULT_CHUNK_BYTES = 64 << 20
+
+SAFE_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+}
+
+# place(name, module, param_name, value, quant_state) -> tensor this rank keeps (plain or DTensor), or None when the
+# callback installed it itself. `value` is the full tensor in its final form on the load device.
+PlaceFn = Callable[[str, nn.Module, str, torch.Tensor, object], Optional[torch.Tensor]]
+
+
+# ------------------------------------------------------------------------------------------------ checkpoint files
+
+@dataclass
+class CheckpointEntry:
+    """One tensor of a safetensors checkpoint: where it is, its dtype and shape; read() copies rows out of the file."""
+
+    key: str
+    path: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int  # byte offset in its file's data section (entries are read in file order)
+    nbytes: int
+
+    def read(self, start: Optional[int] = None, stop: Optional[int] = None, device=None, dtype=None) -> torch.Tensor:
+        """Rows [start:stop] (all when None) as a fresh tensor on `device` in `dtype`.
+
+        safetensors maps the file and returns views of the mapping; the mapping (and every page of it that was touched)
+        stays resident while any view lives. Opening the file per read and copying out keeps the host's file-backed
+        footprint to one chunk."""
+        from safetensors import safe_open
+        with safe_open(str(self.path), framework="pt", device="cpu") as f:
+            if start is None or len(self.shape) == 0:
+                view = f.get_tensor(self.key)
+            else:
+                view = f.get_slice(self.key)[start:stop]
+            out = view.to(device=device or "cpu", dtype=dtype or view.dtype, copy=True)
+            del view
+        return out
+
+
+def _read_header(path: Path) -> dict:
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > 100 << 20:
+                raise ValueError("header too large")
+            return json.loads(fh.read(n))
+    except (OSError, ValueError, struct.error) as e:
+        raise ModelError(f"{path} is not a readable safetensors file ({e}); re-download the checkpoint") from None
+
+
+def checkpoint_files(model_dir: Path) -> list[Path]:
+    """The safetensors files from_pretrained would read: the index's shards, or model.safetensors."""
+    model_dir = Path(model_dir)
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as e:
+            raise ModelError(f"{index} is unreadable ({e}); re-download the checkpoint") from None
+        files = sorted({model_dir / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise ModelError(f"{model_dir} is missing checkpoint shard(s) {', '.join(missing[:3])} named in "
+                             f"{index.name}; finish the download")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if list(model_dir.glob("*.bin")) or list(model_dir.glob("*.pt")):
+        raise ModelError(f"{model_dir} has only PyTorch .bin weights; streamed loading reads safetensors. Convert once "
+                         "(load with transformers and save_pretrained(safe_serialization=True)) or use "
+                         "parallel.strategy=none")
+    raise ModelError(f"{model_dir} has no model.safetensors or model.safetensors.index.json; pass a Hugging Face "
+                     "model directory with safetensors weights")
+
+
+def list_checkpoint(model_dir: Path) -> list[CheckpointEntry]:
+    """Every tensor of the checkpoint, from the file headers only (nothing is read), in file order."""
+    entries = []
+    for path in checkpoint_files(model_dir):
+        for key, meta in _read_header(path).items():
+            if key == "__metadata__":
+                continue
+            dt = SAFE_DTYPES.get(meta.get("dtype"))
+            if dt is None:
+                raise ModelError(f"{path.name}: tensor {key} has dtype {meta.get('dtype')}, which shardtune cannot "
+                                 "load; use a bf16/fp16/fp32 checkpoint")
+            b, e = meta["data_offsets"]
+            entries.append(CheckpointEntry(key, path, dt, tuple(meta["shape"]), b, e - b))
+    entries.sort(key=lambda t: (str(t.path), t.offset))
+    return entries
+
+
+def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """(checkpoint key, tensor) one at a time, in file order, each a fresh CPU copy (the file mapping is released
+    before the next). Keys are the checkpoint's own; see `CheckpointNames` for the model's names."""
+    for e in list_checkpoint(model_dir):
+        yield e.key, e.read()
+
+
+# ------------------------------------------------------------------------------------------------ skeleton
+
+def _should_skip(name: str, patterns) -> bool:
+    # transformers' rule: a pattern matches from the start up to a module boundary, as a regex, or as a suffix.
+    for p in patterns:
+        if name.endswith(p) or re.match(rf"(?:{p})(?:(?<=\.)|(?=\.|$))", name):
+            return True
+    return False
+
+
+def modules_not_quantized(model: nn.Module) -> set[str]:
+    """Linear layers transformers' bitsandbytes integration keeps in full precision: the output embedding (lm_head),
+    anything tied to another weight, the module of the last parameter, and the model's _keep_in_fp32_modules."""
+    names: set[str] = set()
+    tied = getattr(model, "all_tied_weights_keys", None) or {}
+    names |= set(tied) | set(tied.values())
+    seen: dict[int, str] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):  # weights shared between modules are tied too
+        if id(p) in seen:
+            names |= {n, seen[id(p)]}
+        seen.setdefault(id(p), n)
+    params = list(model.named_parameters())
+    if params:
+        names.add(params[-1][0])
+    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if out is not None:
+        names |= {n for n, m in model.named_modules() if m is out}
+    names |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    return {n.removesuffix(".weight") for n in names}
+
+
+def _replace_linears(model: nn.Module, spec: QuantSpec, qc) -> int:
+    """Swap nn.Linear (and GPT-2's Conv1D) for bitsandbytes layers on the meta device; returns how many."""
+    import bitsandbytes as bnb
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover
+        Conv1D = ()
+    skip = modules_not_quantized(model)
+    todo = [(n, m) for n, m in model.named_modules()
+            if (type(m) is nn.Linear or (Conv1D and isinstance(m, Conv1D))) and not _should_skip(n, skip)]
+    for name, old in todo:
+        if Conv1D and isinstance(old, Conv1D):
+            in_f, out_f = old.weight.shape
+        else:
+            in_f, out_f = old.in_features, old.out_features
+        has_bias = old.bias is not None
+        with torch.device("meta"):
+            if spec.is_4bit:
+                new = bnb.nn.Linear4bit(in_f, out_f, has_bias, spec.compute_dtype, compress_statistics=spec.double_quant,
+                                        quant_type=spec.kind, quant_storage=spec.storage)
+                # The packed shape already: a sharding engine must shard the storage that will exist, not [out, in].
+                new.weight = bnb.nn.Params4bit(
+                    torch.empty(packed_4bit_shape(in_f * out_f, spec.storage), dtype=spec.storage), requires_grad=False,
+                    compress_statistics=spec.double_quant, quant_type=spec.kind, quant_storage=spec.storage, module=new,
+                    bnb_quantized=True)
+            else:
+                new = bnb.nn.Linear8bitLt(in_f, out_f, has_bias, has_fp16_weights=qc.llm_int8_has_fp16_weight,
+                                          threshold=qc.llm_int8_threshold)
+                new.weight = bnb.nn.Int8Params(torch.empty((out_f, in_f), dtype=torch.int8), requires_grad=False,
+                                               has_fp16_weights=False)
+            if has_bias:
+                new.bias = nn.Parameter(torch.empty((out_f,), dtype=old.bias.dtype), requires_grad=False)
+        new.source_cls = type(old)
+        new.requires_grad_(False)
+        model.set_submodule(name, new)
+    return len(todo)
+
+
+def _mark_quantized(model: nn.Module, qc) -> None:
+    """The attributes from_pretrained's bitsandbytes quantizer leaves on the model (peft and save_pretrained read them)."""
+    from transformers.modeling_utils import PreTrainedModel
+    from transformers.quantizers import AutoHfQuantizer
+    model.is_quantized = True
+    model.quantization_method = qc.quant_method
+    if qc.load_in_4bit:
+        model.is_loaded_in_4bit = True
+    else:
+        model.is_loaded_in_8bit = True
+    model.hf_quantizer = AutoHfQuantizer.from_config(qc, pre_quantized=False)
+    model.config.quantization_config = qc
+    for m in model.modules():
+        if isinstance(m, PreTrainedModel):
+            m.config._is_quantized = True
+
+
+def build_skeleton(cfg, model_dir: Path, dtype: torch.dtype) -> nn.Module:
+    """The model of `model_dir` on the meta device, in the load dtype (fp32 for full fine-tuning, like build_model),
+    with the linear layers that the method quantizes already bitsandbytes Linear4bit / Linear8bitLt."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from shardtune.model.load import quantization_config, read_model_config
+    model_dir = Path(model_dir)
+    read_model_config(model_dir, cfg.model.trust_remote_code)  # rejects pre-quantized / unknown architectures
+    hf_cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
+    load_dtype = torch.float32 if cfg.train.method == "full" else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=load_dtype, attn_implementation=cfg.model.attn_implementation,
+                                                 trust_remote_code=cfg.model.trust_remote_code)
+    qc = quantization_config(cfg, dtype)
+    if qc is not None:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            from shardtune.errors import EnvironmentProblem
+            raise EnvironmentProblem(f"train.method={cfg.train.method} needs bitsandbytes; pip install bitsandbytes") from None
+        _replace_linears(model, quant_spec(cfg, dtype), qc)
+        _mark_quantized(model, qc)
+    model.name_or_path = str(model_dir)
+    model.config._name_or_path = str(model_dir)
+    if (model_dir / "generation_config.json").is_file() and getattr(model, "generation_config", None) is not None:
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+        except (OSError, ValueError):
+            pass  # from_pretrained also falls back to the config-derived generation config
+    model.config.use_cache = False
+    model.eval()  # as from_pretrained leaves it; the training loop switches to train()
+    return model
+
+
+def _placeholder(p: torch.Tensor, device: torch.device) -> nn.Parameter:
+    """A zero-size real parameter of p's class, dtype and attributes on `device` (what peft inspects)."""
+    import bitsandbytes as bnb
+    empty = torch.empty(0, dtype=p.dtype, device=device)
+    if isinstance(p, bnb.nn.Params4bit):
+        return bnb.nn.Params4bit(empty, requires_grad=False, blocksize=p.blocksize, compress_statistics=p.compress_statistics,
+                                 quant_type=p.quant_type, quant_storage=p.quant_storage, module=p.module, bnb_quantized=True)
+    if isinstance(p, bnb.nn.Int8Params):
+        return bnb.nn.Int8Params(empty, requires_grad=False, has_fp16_weights=p.has_fp16_weights)
+    return nn.Parameter(empty, requires_grad=p.requires_grad)
+
+
+def add_lora_to_skeleton(model: nn.Module, cfg, device: torch.device) -> nn.Module:
+    """shardtune.model.load.add_lora on a meta skeleton, with adapters that are real and initialised exactly as on a
+    loaded model.
+
+    peft creates LoRA weights on the CPU (drawing from the same RNG stream as on a loaded model) and then moves them to
+    the device and dtype of the base weight. With a meta base that move would discard them, so during the call every
+    meta parameter is swapped for a zero-size stand-in of the same class, dtype and bnb attributes on `device`; after
+    it the meta parameters come back (frozen, as add_lora leaves the base)."""
+    from shardtune.model.load import add_lora
+    stand_in: dict[int, nn.Parameter] = {}
+    swapped = []
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None and p.is_meta:
+                ph = stand_in.setdefault(id(p), _placeholder(p, device))
+                module._parameters[name] = ph
+                swapped.append((module, name, p, ph))
+    model = add_lora(model, cfg)
+    for module, name, meta, ph in swapped:
+        meta.requires_grad_(ph.requires_grad)
+        if module._parameters.get(name) is ph:
+            module._parameters[name] = meta
+    # modules_to_save: peft deep-copied the module while it held stand-ins; give the copies meta weights of the real
+    # shape so materialize() fills them from the checkpoint like the original.
+    for wrapper in model.modules():
+        if hasattr(wrapper, "original_module") and hasattr(wrapper, "modules_to_save"):
+            for copy in wrapper.modules_to_save.values():
+                for pname, p in list(copy.named_parameters()):
+                    orig = wrapper.original_module.get_parameter(pname)
+                    if p.numel() == 0 and orig.numel() > 0:
+                        owner, _, attr = pname.rpartition(".")
+                        mod = copy.get_submodule(owner) if owner else copy
+                        mod._parameters[attr] = nn.Parameter(torch.empty(orig.shape, dtype=p.dtype, device="meta"),
+                                                             requires_grad=p.requires_grad)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ names
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def _weight_renamings(base: nn.Module):
+    """transformers' checkpoint-key renamings for this model, and its converters (which streaming cannot apply)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
+    except ImportError:  # older transformers: checkpoint keys are module names
+        return [], []
+    mapping = get_model_conversion_mapping(base)
+    return ([m for m in mapping if isinstance(m, WeightRenaming)], [m for m in mapping if isinstance(m, WeightConverter)])
+
+
+@dataclass
+class Target:
+    """One parameter (or buffer) object of the model that a checkpoint tensor fills, and every module holding it."""
+
+    name: str
+    holders: list[tuple[nn.Module, str]]
+    kind: str  # "4bit" | "int8" | "plain"
+    is_buffer: bool = False
+    transpose: bool = False  # GPT-2 Conv1D weights are stored [in, out]
+    derived_from: Optional["Target"] = None  # peft modules_to_save copies take the original's converted value
+
+    @property
+    def module(self) -> nn.Module:
+        return self.holders[0][0]
+
+    @property
+    def attr(self) -> str:
+        return self.holders[0][1]
+
+    @property
+    def current(self) -> torch.Tensor:
+        m, a = self.holders[0]
+        return m._buffers[a] if self.is_buffer else m._parameters[a]
+
+
+class CheckpointNames:
+    """Maps checkpoint keys to the model's parameters: transformers' renamings, base_model_prefix added or stripped,
+    peft wrappers (LoRA base_layer, modules_to_save) looked through, tied weights filled once."""
+
+    def __init__(self, model: nn.Module):
+        import bitsandbytes as bnb
+        self.base = _unwrap(model)
+        self.prefix = getattr(self.base, "base_model_prefix", "") or ""
+        self.renamings, self.converters = _weight_renamings(self.base)
+        self._holders: dict[int, list[tuple[nn.Module, str, str]]] = {}
+        self._objects: dict[int, torch.Tensor] = {}  # keeps the original tensors alive so their ids stay unique
+        self._names: dict[str, tuple[nn.Module, str, bool]] = {}
+        for mname, module in self.base.named_modules(remove_duplicate=False):
+            for store, is_buf in ((module._parameters, False), (module._buffers, True)):
+                for a, t in store.items():
+                    if t is None:
+                        continue
+                    full = f"{mname}.{a}" if mname else a
+                    self._holders.setdefault(id(t), []).append((module, a, full))
+                    self._objects[id(t)] = t
+        self._bnb4, self._bnb8 = bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
+        self.filled: set[int] = set()
+
+    def _module(self, path: str) -> Optional[nn.Module]:
+        try:
+            return self.base.get_submodule(path) if path else self.base
+        except AttributeError:
+            return None
+
+    def _candidates(self, key: str) -> list[str]:
+        for r in self.renamings:
+            key, _ = r.rename_source_key(key)
+        for c in self.converters:
+            if c.rename_source_key(key)[1] is not None:
+                raise ModelError(f"checkpoint tensor '{key}' needs a weight conversion ({type(c).__name__}) that "
+                                 f"streamed loading does not apply for model type "
+                                 f"'{getattr(self.base.config, 'model_type', '?')}'; use parallel.strategy=none or ddp "
+                                 "(from_pretrained) for this architecture")
+        out = [key]
+        p = self.prefix
+        if p:
+            out += [key[len(p) + 1:]] if key.startswith(p + ".") else [f"{p}.{key}"]
+        return out
+
+    def _resolve_one(self, name: str) -> list[tuple[nn.Module, str, bool, str]]:
+        path, _, attr = name.rpartition(".")
+        module = self._module(path)
+        if module is None:
+            return []
+        mods = [module]
+        while hasattr(mods[0], "base_layer") and not isinstance(mods[0], (self._bnb4, self._bnb8)):
+            mods = [mods[0].base_layer]  # peft LoRA wrapper
+        if hasattr(mods[0], "original_module") and hasattr(mods[0], "modules_to_save"):  # peft ModulesToSaveWrapper
+            mods = [mods[0].original_module] + list(mods[0].modules_to_save.values())
+        found = []
+        for m in mods:
+            if m._parameters.get(attr) is not None:
+                found.append((m, attr, False, name))
+            elif m._buffers.get(attr) is not None:
+                found.append((m, attr, True, name))
+        return found
+
+    def targets(self, key: str) -> list[Target]:
+        """The parameters `key` fills (empty when the model has no such weight, or it was already filled: tied)."""
+        for cand in self._candidates(key):
+            found = self._resolve_one(cand)
+            if found:
+                break
+        else:
+            return []
+        out: list[Target] = []
+        for m, attr, is_buf, name in found:
+            t = m._buffers[attr] if is_buf else m._parameters[attr]
+            if id(t) in self.filled:
+                continue
+            self.filled.add(id(t))
+            holders = [(m, attr)] + [(hm, ha) for hm, ha, _ in self._holders.get(id(t), [])
+                                     if not (hm is m and ha == attr)]
+            kind = "plain"
+            if attr == "weight" and isinstance(m, self._bnb4):
+                kind = "4bit"
+            elif attr == "weight" and isinstance(m, self._bnb8):
+                kind = "int8"
+            tgt = Target(name, holders, kind, is_buf, transpose=kind != "plain" and getattr(m, "source_cls", None) is not None
+                         and m.source_cls.__name__ == "Conv1D")
+            if out:
+                tgt.derived_from = out[0]
+            out.append(tgt)
+        return out
+
+    def unfilled(self) -> list[str]:
+        """Names of parameters / persistent buffers still on the meta device (missing from the checkpoint)."""
+        names = []
+        for tid, hs in self._holders.items():
+            m, a, full = hs[0]
+            t = m._parameters.get(a) if a in m._parameters else m._buffers.get(a)
+            if t is not None and _is_meta(t) and tid not in self.filled:
+                names.append(full)
+        return names
+
+
+def _is_meta(t: torch.Tensor) -> bool:
+    local = getattr(t, "_local_tensor", None)
+    return (local if local is not None else t).is_meta
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+@dataclass
+class LoadReport:
+    """What loading cost on one rank: bytes read from the checkpoint, time, host and device memory peaks, and the
+    bytes of weights (+ quantization constants) the rank keeps."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: str = "cpu"
+    tensors: int = 0
+    bytes_read: int = 0
+    seconds: float = 0.0
+    rss_start_bytes: int = 0
+    peak_rss_bytes: int = 0
+    peak_gpu_bytes: Optional[int] = None
+    kept_bytes: int = 0
+    skipped_keys: list[str] = field(default_factory=list)
+
+    @property
+    def rss_growth_bytes(self) -> int:
+        return max(0, self.peak_rss_bytes - self.rss_start_bytes)
+
+    def format(self) -> str:
+        gb = 1e9
+        mbps = self.bytes_read / max(self.seconds, 1e-9) / 1e6
+        gpu = f", GPU peak {self.peak_gpu_bytes / gb:.2f} GB" if self.peak_gpu_bytes is not None else ""
+        return (f"load rank {self.rank}/{self.world_size}: {self.tensors} tensors, {self.bytes_read / gb:.2f} GB read in "
+                f"{self.seconds:.1f} s ({mbps:.0f} MB/s), peak CPU RSS {self.peak_rss_bytes / gb:.2f} GB "
+                f"(+{self.rss_growth_bytes / gb:.2f} GB){gpu}, kept {self.kept_bytes / gb:.3f} GB on {self.device}")
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["rss_growth_bytes"] = self.rss_growth_bytes
+        d["skipped_keys"] = list(self.skipped_keys)[:20]
+        return d
+
+
+def gather_load_reports(report: LoadReport) -> list[LoadReport]:
+    """Every rank's report (collective when torch.distributed is initialised; call it on all ranks)."""
+    import torch.distributed as dist
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [report]
+    out: list = [None] * dist.get_world_size()
+    dist.all_gather_object(out, report.to_dict())
+    reps = []
+    for d in out:
+        d = dict(d)
+        d.pop("rss_growth_bytes", None)
+        reps.append(LoadReport(**d))
+    return reps
+
+
+def _rss() -> int:
+    import psutil
+    return psutil.Process().memory_info().rss
+
+
+def _reset_hwm() -> bool:
+    """Reset the kernel's peak-RSS mark (Linux); then VmHWM is the exact peak since now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _hwm() -> int:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+class _MemoryMonitor:
+    """Peak host RSS during a load: the kernel's exact high-water mark when it can be reset, else psutil sampled every
+    few ms on a thread; peak device memory from the CUDA allocator."""
+
+    def __init__(self, device: torch.device, interval_s: float = 0.005):
+        self.device = device
+        self.interval_s = interval_s
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self):
+        self.start = _rss()
+        self.hwm_ok = _reset_hwm()
+        self.peak = self.start
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self):
+        while not self._stop.wait(self.interval_s):
+            self.sample()
+
+    def sample(self):
+        r = _rss()
+        if r > self.peak:
+            self.peak = r
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.sample()
+        if self.hwm_ok:
+            self.peak = max(self.peak, _hwm())
+        self.peak_gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return False
+
+
+# ------------------------------------------------------------------------------------------------ materialize
+
+def _convert(entry: CheckpointEntry, tgt: Target, spec: QuantSpec, device: torch.device, dtype: torch.dtype,
+             chunk_bytes: int, monitor: _MemoryMonitor):
+    """Read `entry` chunk by chunk into its final form on `device`: (value, quant_state-or-None)."""
+    cur = tgt.current
+    shape = tuple(entry.shape)
+    if tgt.kind == "plain":
+        expected = tuple(cur.shape)
+    else:
+        lin = tgt.module
+        expected = (lin.in_features, lin.out_features) if tgt.transpose else (lin.out_features, lin.in_features)
+    if shape != expected:
+        raise ModelError(f"checkpoint tensor {entry.key} has shape {list(shape)} but the model expects "
+                         f"{list(expected)}; is config.json from the same model as the weights?")
+
+    if tgt.transpose or len(shape) < 2:  # small or oddly laid out: read whole
+        whole = entry.read(device=device, dtype=dtype if tgt.kind != "plain" else cur.dtype)
+        if tgt.transpose:
+            whole = whole.t().contiguous()
+        chunks: Iterator[torch.Tensor] = iter([whole])
+        del whole
+    else:
+        elem = max(1, entry.nbytes // max(1, math.prod(shape)))
+        rows = rows_per_chunk(shape, elem, chunk_bytes, align_values=64 if tgt.kind == "4bit" else 1)
+        load_dtype = dtype if tgt.kind != "plain" else cur.dtype
+
+        def gen():
+            for s in range(0, shape[0], rows):
+                yield entry.read(s, min(shape[0], s + rows), device=device, dtype=load_dtype)
+        chunks = gen()
+
+    if tgt.kind == "4bit":
+        acc = Chunked4bit((shape[1], shape[0]) if tgt.transpose else shape, spec, device)
+    elif tgt.kind == "int8":
+        acc = ChunkedInt8((shape[1], shape[0]) if tgt.transpose else shape, device)
+    else:
+        acc = None
+        out = torch.empty(shape, dtype=cur.dtype, device=device)
+        row = 0
+    for c in chunks:
+        monitor.sample()
+        if acc is not None:
+            acc.add(c)
+        elif len(shape) == 0 or c.shape == out.shape:
+            out.copy_(c)
+        else:
+            out[row:row + c.shape[0]].copy_(c)
+            row += c.shape[0]
+        del c
+    if acc is not None:
+        return acc.finish()
+    return out, None
+
+
+def _nbytes(t) -> int:
+    if t is None:
+        return 0
+    if isinstance(t, torch.Tensor):
+        local = getattr(t, "_local_tensor", None)
+        t = local if local is not None else t
+        return t.numel() * t.element_size()
+    total = 0  # bitsandbytes QuantState
+    for a in ("absmax", "code", "offset"):
+        total += _nbytes(getattr(t, a, None))
+    st2 = getattr(t, "state2", None)
+    if st2 is not None:
+        total += _nbytes(st2)
+    return total
+
+
+def _install(tgt: Target, kept: torch.Tensor, qs, spec: QuantSpec) -> None:
+    """Put `kept` (full tensor or this rank's shard) into every module that holds the target."""
+    import bitsandbytes as bnb
+    from torch.distributed.tensor import DTensor
+    cur = tgt.current
+    if tgt.is_buffer:
+        for m, a in tgt.holders:
+            m._buffers[a] = kept
+        return
+    if tgt.kind == "4bit":
+        tgt.module.quant_state = qs  # Linear4bit.forward recovers it from here once FSDP has replaced the Params4bit
+        if isinstance(kept, DTensor):
+            new = nn.Parameter(kept, requires_grad=False)
+        else:
+            new = bnb.nn.Params4bit(kept, requires_grad=False, quant_state=qs, blocksize=64,
+                                    compress_statistics=spec.double_quant, quant_type=spec.kind,
+                                    quant_storage=spec.storage, module=tgt.module, bnb_quantized=True)
+    elif tgt.kind == "int8":
+        if isinstance(kept, DTensor):
+            raise ModelError("train.method=int8 cannot be sharded (bitsandbytes LLM.int8 keeps per-row state); use "
+                             "train.method=qlora with fsdp/deepspeed, or int8 with parallel.strategy=none/ddp")
+        new = bnb.nn.Int8Params(kept, requires_grad=False, has_fp16_weights=False, CB=kept, SCB=qs)
+    else:
+        new = nn.Parameter(kept, requires_grad=cur.requires_grad)
+    new._is_hf_initialized = True
+    for m, a in tgt.holders:
+        m._parameters[a] = new
+
+
+def _init_buffers(base: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers (rotary inv_freq) are not in checkpoints and meta init leaves them empty: allocate them
+    on `device` and let the model's own _init_weights compute them, as from_pretrained does."""
+    for name, module in base.named_modules():
+        metas = [a for a, b in module._buffers.items() if b is not None and b.is_meta]
+        if not metas:
+            continue
+        if any(p is not None for p in module._parameters.values()) or not hasattr(base, "_init_weights"):
+            raise ModelError(f"buffer(s) {', '.join(f'{name}.{a}' for a in metas)} are neither in the checkpoint nor "
+                             "computable; this architecture cannot be streamed, use parallel.strategy=none")
+        for a in metas:
+            module._buffers[a] = torch.empty_like(module._buffers[a], device=device)
+        with torch.no_grad():
+            base._init_weights(module)
+
+
+def _dist_rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, model_dir: Path, cfg, device: torch.device, dtype: torch.dtype,
+                place: Optional[PlaceFn] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> LoadReport:
+    """Fill a meta skeleton (plain, LoRA-wrapped and/or FSDP-sharded) from the checkpoint, tensor by tensor.
+
+    Each tensor is read in chunks of ~chunk_bytes, cast to the compute dtype (quantized layers) or the parameter's
+    dtype, moved to `device`, quantized there for Linear4bit / Linear8bitLt weights, given to `place` (default: keep
+    it whole) and installed on every module that holds it; then it is freed before the next one."""
+    device = torch.device(device)
+    spec = quant_spec(cfg, dtype)
+    names = CheckpointNames(model)
+    rank, world = _dist_rank_world()
+    report = LoadReport(rank=rank, world_size=world, device=str(device))
+    t0 = time.perf_counter()
+    with _MemoryMonitor(device) as mon:
+        for entry in list_checkpoint(model_dir):
+            targets = names.targets(entry.key)
+            if not targets:
+                report.skipped_keys.append(entry.key)
+                continue
+            first = targets[0]
+            value, qs = _convert(entry, first, spec, device, dtype, chunk_bytes, mon)
+            report.tensors += 1
+            report.bytes_read += entry.nbytes
+            for tgt in targets:
+                v = value if tgt is first else value.to(tgt.current.dtype, copy=True)
+                kept = place(tgt.name, tgt.module, tgt.attr, v, qs) if place is not None else v
+                if kept is not None:
+                    _install(tgt, kept, qs, spec)
+                    report.kept_bytes += _nbytes(kept)
+                del v, kept
+            report.kept_bytes += _nbytes(qs)
+            del value, qs
+            mon.sample()
+        _init_buffers(names.base, device)
+    missing = names.unfilled()
+    if missing:
+        raise ModelError(f"checkpoint in {model_dir} lacks {len(missing)} weight(s) the model needs (e.g. "
+                         f"{', '.join(missing[:3])}); is config.json from the same model as the weights?")
+    report.seconds = time.perf_counter() - t0
+    report.rss_start_bytes = mon.start
+    report.peak_rss_bytes = mon.peak
+    report.peak_gpu_bytes = mon.peak_gpu
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ placement
+
+def local_chunk(full: torch.Tensor, mesh, placements) -> torch.Tensor:
+    """This rank's piece of `full` under DTensor placements (Shard(d) = torch.chunk along d, ranks past the last
+    chunk get an empty piece, as distribute_tensor and FSDP2 do), copied so `full` can be freed."""
+    from torch.distributed.tensor import Replicate, Shard
+    coord = mesh.get_coordinate()
+    out = full
+    for i, pl in enumerate(placements):
+        if isinstance(pl, Shard) and type(pl) is Shard:
+            pieces = torch.chunk(out, mesh.size(i), dim=pl.dim)
+            out = pieces[coord[i]] if coord[i] < len(pieces) else out.narrow(pl.dim, out.size(pl.dim), 0)
+        elif not isinstance(pl, Replicate):
+            raise ModelError(f"streamed loading cannot place a parameter with placement {pl}; shard with Shard(dim) "
+                             "or Replicate")
+    return out.clone(memory_format=torch.contiguous_format)
+
+
+def fsdp_place(device: Optional[torch.device] = None) -> PlaceFn:
+    """A place callback for a model already wrapped with FSDP2 `fully_shard` on the meta device: keeps this rank's
+    Shard(0) chunk (of the packed 4-bit storage for quantized weights) as a DTensor on `device` (the CPU when FSDP
+    offloads parameters). Non-DTensor parameters (not managed by FSDP) are kept whole. FSDP2 re-pads the new local
+    tensors in its lazy init (FSDPParam.reset_sharded_param)."""
+    from torch.distributed.tensor import DTensor
+
+    def place(name, module, param_name, value, quant_state):
+        cur = module._parameters.get(param_name)
+        if not isinstance(cur, DTensor):
+            return value if device is None else value.to(device)
+        local = local_chunk(value, cur.device_mesh, cur.placements)
+        if device is not None:
+            local = local.to(device)
+        return DTensor.from_local(local, cur.device_mesh, cur.placements, run_check=False, shape=cur.shape,
+                                  stride=cur.stride())
+
+    return place
+
+
+def shard_with_fsdp2(model: nn.Module, mesh=None, reshard_after_forward: bool = True, mp_policy=None,
+                     offload_policy=None) -> nn.Module:
+    """Minimal FSDP2 wrapping (each decoder layer, then the root) used by tests and the load benchmark when no engine
+    is given; the fsdp engine's own sharding function replaces it in training."""
+    from torch.distributed.fsdp import fully_shard
+    kw = {"reshard_after_forward": reshard_after_forward}
+    if mesh is not None:
+        kw["mesh"] = mesh
+    if mp_policy is not None:
+        kw["mp_policy"] = mp_policy
+    if offload_policy is not None:
+        kw["offload_policy"] = offload_policy
+    base = _unwrap(model)
+    layers = getattr(getattr(base, getattr(base, "base_model_prefix", "model"), base), "layers", None)
+    for layer in layers or []:
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ one call
+
+def build_streamed_model(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype,
+                         place: Optional[PlaceFn] = None, shard: Optional[Callable[[nn.Module], object]] = None,
+                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> nn.Module:
+    """The model build_model returns (same types, names, dtypes, bit-exact 4-bit data, same LoRA init for the same
+    seed), built without ever holding the whole checkpoint: skeleton -> LoRA on the skeleton -> `shard(model)` (a
+    sharding engine's wrapper, optional) -> stream the weights in through `place`. The LoadReport is attached as
+    `model.load_report`."""
+    from shardtune.model.load import enable_checkpointing
+    device = torch.device(device)
+    model = build_skeleton(cfg, model_dir, dtype)
+    if cfg.train.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+    else:
+        model = add_lora_to_skeleton(model, cfg, device)
+    if cfg.train.gradient_checkpointing:
+        enable_checkpointing(model)
+    if shard is not None:
+        wrapped = shard(model)
+        model = wrapped if wrapped is not None else model
+    report = materialize(model, model_dir, cfg, device, dtype, place=place, chunk_bytes=chunk_bytes)
+    model.load_report = report
+    return model
