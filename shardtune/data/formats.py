@@ -48,6 +48,7 @@ class Example:
     text: str | None = None
     prompt: str | None = None
     completion: str | None = None
+    where: str = ""  # file:line it came from, for messages about it after reading
 
 
 # ------------------------------------------------------------------------------------------------ detection

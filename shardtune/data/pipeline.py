@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Iterator
 
 import torch
+from jinja2.exceptions import TemplateError
 
 from shardtune.data import formats
 from shardtune.data.formats import BadRecord, Example
@@ -219,10 +220,12 @@ def read_examples(path: str, key: str, fmt: str, bad: BadLines, limit: int | Non
                                 f"one of: {formats.FORMAT_KEYS_HELP}")
             fmt = detected
         try:
-            examples.append(formats.to_example(rec, fmt))
+            ex = formats.to_example(rec, fmt)
         except BadRecord as e:
             bad.report(where, e.kind, str(e))
             continue
+        ex.where = where
+        examples.append(ex)
         if limit is not None and len(examples) >= limit:
             break
     return examples, fmt, n_read
@@ -253,6 +256,9 @@ class _Encoder:
             return [(ex.prompt, False), (ex.completion, True)]
         try:
             return formats.conversation_segments(ex.messages, self._render)
+        except TemplateError as e:  # e.g. a template that refuses system turns or non-alternating roles
+            raise BadRecord("rejected by the chat template",
+                            f"chat template '{self.template_name}' rejects the record ({e})") from None
         except formats.TemplateNotIncremental:
             raise DataError(f"chat template '{self.template_name}' renders a conversation's start differently from "
                             "the whole conversation, so prompt and response tokens cannot be told apart; set "
@@ -285,8 +291,13 @@ class _Encoder:
         return out
 
 
-def _tokenize(examples: list[Example], enc: _Encoder, max_len: int, counts: Counter) -> list[dict]:
-    pieces = [enc.segments(ex) for ex in examples]
+def _tokenize(examples: list[Example], enc: _Encoder, max_len: int, counts: Counter, bad: BadLines) -> list[dict]:
+    pieces = []
+    for ex in examples:
+        try:
+            pieces.append(enc.segments(ex))
+        except BadRecord as e:
+            bad.report(ex.where, e.kind, str(e))
     samples = []
     for ids, labels in enc.encode(pieces):
         if len(ids) > max_len:
@@ -376,10 +387,11 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Splits:
         val_template, val_read = template, 0
 
     counts: Counter = Counter()
+    bad_before = bad.count + val_bad.count
     enc = _Encoder(tokenizer, template, template_name, data_cfg.train_on_prompt)
-    train = _tokenize(train_ex, enc, max_len, counts)
+    train = _tokenize(train_ex, enc, max_len, counts, bad)
     val_enc = enc if val_template is template else _Encoder(tokenizer, val_template, "val", data_cfg.train_on_prompt)
-    val = _tokenize(val_ex, val_enc, max_len, counts)
+    val = _tokenize(val_ex, val_enc, max_len, counts, val_bad if data_cfg.val_path else bad)
     if counts["no_target"]:
         _warn(f"shardtune: {counts['no_target']} records have no response tokens within data.max_seq_len={max_len} "
               "and were dropped; raise data.max_seq_len to keep them")
@@ -395,7 +407,7 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Splits:
     val_tokens, val_targets = _summary_tokens(val)
     stats = {
         "path": data_cfg.path, "val_path": data_cfg.val_path, "format": fmt, "chat_template": template_name,
-        "records_read": n_read + val_read, "records_used": len(train_ex) + len(val_ex),
+        "records_read": n_read + val_read, "records_used": len(train_ex) + len(val_ex) - (bad.count + val_bad.count - bad_before),
         "skipped": {**{k: v for k, v in (bad.kinds + val_bad.kinds).items()},
                     **({"no response tokens within max_seq_len": counts["no_target"]} if counts["no_target"] else {})},
         "bad_lines": bad.count + val_bad.count, "truncated": counts["truncated"],

@@ -180,3 +180,17 @@ def test_prompt_and_answer_matches_training_layout():
     assert msgs == [{"role": "user", "content": "Say hello\n\nto Bob"}] and answer == "Hello Bob!"
     with pytest.raises(DataError, match="cannot detect"):
         prompt_and_answer({"foo": 1})
+
+
+def test_record_rejected_by_template_is_a_bad_line(tmp_path, tok, capsys):
+    # like Gemma's or Mistral's templates, which raise on roles they do not accept
+    tmpl = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+            "{{ m['content'] }}\n{% endfor %}")
+    recs = [{"instruction": "Say hello", "output": "Hello Bob!"},
+            {"instruction": "Say hello", "output": "Hello Bob!", "system": "Be brief."}]
+    p = write_jsonl(tmp_path / "d.jsonl", recs)
+    with pytest.raises(DataError, match=rf"{p}:2: chat template 'custom' rejects the record \(no system role\)"):
+        build_datasets(data_cfg(p, chat_template=tmpl), tok, 0)
+    s = build_datasets(data_cfg(p, chat_template=tmpl, on_bad_line="skip"), tok, 0)
+    assert len(s.train) == 1 and s.stats["records_used"] == 1
+    assert s.stats["skipped"] == {"rejected by the chat template": 1}
