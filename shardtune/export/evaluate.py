@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 from shardtune.errors import ConfigError, DataError
 from shardtune.export import text2sql as t2s
 from shardtune.export.adapter import RunInfo, load_for_inference, load_run
-from shardtune.export.generate import generate_ids, render_example_ids, render_prompt_ids, uses_chat
+from shardtune.export.generate import PromptStyle, generate_ids, prompt_style, render_example_ids, render_prompt_ids
 
 METRICS = ("auto", "sql", "generic")
 PROXY_NOTE = ("execution accuracy on synthesized databases (schema from tables.json or the prompt's CREATE TABLE "
@@ -33,126 +33,61 @@ PROXY_NOTE = ("execution accuracy on synthesized databases (schema from tables.j
 
 @dataclass
 class EvalRecord:
-    """One scored example: the conversation up to the answer, the gold answer, and for SQL where to run it."""
+    """One scored example: the conversation up to the answer and the gold answer, laid out as training lays the same
+    record out (shardtune.data.formats.prompt_and_answer); for SQL, where to run it. Format `text` records have no
+    conversation: the whole text is the target."""
 
     index: int
     messages: list[dict]
     gold: str
     db_id: Optional[str] = None
     schema_key: Optional[str] = None
-    raw: dict = field(default_factory=dict, repr=False)
+    where: str = ""
 
     @property
     def prompt(self) -> str:
         return self.messages[-1]["content"] if self.messages else ""
 
+    @property
+    def is_text(self) -> bool:
+        return not self.messages
+
 
 # ---------------------------------------------------------------- reading records
 
 
-def read_records(path: str | Path) -> list[dict]:
-    """JSON (a list of records, or an object with a data/records/examples list) or JSON Lines."""
-    p = Path(path)
-    if not p.is_file():
-        raise DataError(f"evaluation data '{path}' not found; pass --data with a JSON or JSONL file")
-    if p.suffix not in (".json", ".jsonl"):
-        raise DataError(f"evaluation data '{path}' must be .json or .jsonl")
-    text = p.read_text(encoding="utf-8")
-    data = None
-    if p.suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            if "Extra data" not in e.msg:  # anything else is a broken file; Extra data means JSON Lines
-                raise DataError(f"{p}:{e.lineno}: not valid JSON ({e.msg})") from None
-    if data is None:
-        data = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                data.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{p}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
-    if isinstance(data, dict):
-        wrapped = [data[k] for k in ("data", "records", "examples", "rows") if isinstance(data.get(k), list)]
-        data = wrapped[0] if wrapped else [data]
-    if not isinstance(data, list):
-        raise DataError(f"'{path}' must hold a list of records")
-    return data
+def read_records(path: str | Path) -> list[tuple[str, dict]]:
+    """(file:line, record) for every record, through the training data reader: the same file types (JSON, JSONL,
+    CSV, Parquet, builtin:toy-sql) and the same one-line errors naming file:line."""
+    from shardtune.data.pipeline import BadLines, iter_records
+
+    return list(iter_records(str(path), "--data", BadLines("error", "--data")))
 
 
 _DB_ID_IN_TEXT = re.compile(r"^\s*(\w+) contains tables such as", re.I)  # DB-GPT-Hub's Spider instructions
-_ROLE = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
-         "model": "assistant", "bot": "assistant"}
 
 
-def _conversation(turns: list) -> tuple[list[dict], str]:
-    msgs = []
-    for t in turns:
-        if not isinstance(t, dict):
-            raise DataError("a messages/conversations entry is not an object")
-        role = _ROLE.get(str(t.get("role", t.get("from", ""))).lower())
-        content = t.get("content", t.get("value"))
-        if role is None or content is None:
-            raise DataError(f"conversation turn {t!r} has no role/from or content/value")
-        msgs.append({"role": role, "content": str(content)})
-    last = max((i for i, m in enumerate(msgs) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return msgs, ""
-    return msgs[:last], msgs[last]["content"]
+def to_eval_record(i: int, rec: dict, where: str = "") -> EvalRecord:
+    """One record of any training format -> EvalRecord; the db_id comes from the record or, for DB-GPT-Hub's Spider
+    export, from its instruction ("<db_id> contains tables such as ...")."""
+    from shardtune.data import formats
 
-
-def to_eval_record(i: int, rec: dict, schemas: dict[str, t2s.Schema]) -> EvalRecord:
-    """Map one record of any supported format to (conversation, gold answer, db_id).
-
-    Prompts are built the way shardtune.data renders the same formats for training (alpaca: instruction, a blank
-    line, input; Spider-style question + db_id: the schema as CREATE TABLE statements, a blank line, the question).
-    """
+    where = where or f"record {i}"
     if not isinstance(rec, dict):
-        raise DataError(f"record {i} is not a JSON object")
+        raise DataError(f"{where}: record is {type(rec).__name__}, expected a JSON object")
+    if isinstance(rec.get("sql"), dict) and isinstance(rec.get("query"), str):
+        # Spider's dev.json: `sql` is the parsed tree, the SQL text is `query` (shardtune.data reads `sql` first).
+        rec = {k: v for k, v in rec.items() if k != "sql"}
+    try:
+        messages, gold = formats.prompt_and_answer(rec)
+    except DataError as e:
+        raise DataError(f"{where}: {e}") from None
     db_id = rec.get("db_id")
-    if "messages" in rec or "conversations" in rec:
-        msgs, gold = _conversation(rec.get("messages") or rec.get("conversations") or [])
-    elif "instruction" in rec:
-        instr, inp = str(rec.get("instruction") or ""), str(rec.get("input") or "")
-        msgs = [{"role": "user", "content": f"{instr}\n\n{inp}" if inp else instr}]
-        gold = str(rec.get("output", rec.get("response", "")))
-        if db_id is None:
-            m = _DB_ID_IN_TEXT.match(instr)
-            db_id = m.group(1) if m else None
-    elif "prompt" in rec and ("completion" in rec or "response" in rec):
-        msgs = [{"role": "user", "content": str(rec["prompt"])}]
-        gold = str(rec.get("completion", rec.get("response", "")))
-    elif "question" in rec and any(k in rec for k in ("query", "sql", "answer")):
-        question = str(rec["question"])
-        schema_text = rec.get("schema") or rec.get("context") or rec.get("db_schema")
-        if not schema_text and db_id in schemas:
-            schema_text = schema_as_text(schemas[db_id])
-        content = f"{schema_text}\n\n{question}" if schema_text else question
-        msgs = [{"role": "user", "content": content}]
-        gold = str(rec.get("query", rec.get("sql", rec.get("answer"))))
-    elif "text" in rec:
-        msgs, gold = [{"role": "user", "content": str(rec["text"])}], ""
-    else:
-        raise DataError(f"record {i} has keys {sorted(rec)[:8]}; expected alpaca (instruction/input/output), "
-                        f"messages, prompt/completion, question/query (+db_id) or text")
-    return EvalRecord(index=i, messages=msgs, gold=gold.strip(), db_id=str(db_id) if db_id is not None else None,
-                      raw=rec)
-
-
-def schema_as_text(schema: t2s.Schema) -> str:
-    """CREATE TABLE statements for a schema (for Spider-style records that carry only a db_id)."""
-    parts = []
-    for t in schema.tables:
-        cols = [f"  {c.name} {t2s._sql_type(c)}" for c in t.columns]
-        if t.primary_key:
-            cols.append(f"  PRIMARY KEY ({', '.join(t.primary_key)})")
-        for (st, sc), (dt, dc) in schema.foreign_keys:
-            if st == t.name:
-                cols.append(f"  FOREIGN KEY ({sc}) REFERENCES {dt}({dc})")
-        parts.append(f"CREATE TABLE {t.name} (\n" + ",\n".join(cols) + "\n)")
-    return "\n\n".join(parts)
+    if db_id is None and isinstance(rec.get("instruction"), str):
+        m = _DB_ID_IN_TEXT.match(rec["instruction"])
+        db_id = m.group(1) if m else None
+    return EvalRecord(index=i, messages=messages, gold=gold.strip(), where=where,
+                      db_id=str(db_id) if db_id is not None else None)
 
 
 def find_tables_file(data_path: Path) -> Optional[Path]:
@@ -163,6 +98,36 @@ def find_tables_file(data_path: Path) -> Optional[Path]:
             return d / name
     found = sorted(d.glob("*tables*.json"))
     return found[0] if found else None
+
+
+def _load_schemas(tables: str | Path | None, data_name: str, records: Sequence[EvalRecord]) -> dict[str, t2s.Schema]:
+    if tables:
+        if not Path(tables).is_file():
+            raise DataError(f"tables file '{tables}' not found; pass --tables with Spider's tables.json")
+        return t2s.load_spider_tables(tables)
+    if data_name.startswith("builtin:") or not any(r.db_id for r in records):
+        return {}
+    found = find_tables_file(Path(data_name))
+    return t2s.load_spider_tables(found) if found else {}
+
+
+def _schema_key(r: EvalRecord, schemas: dict[str, t2s.Schema], provider: t2s.DatabaseProvider) -> Optional[str]:
+    """Which schema a record's SQL runs against: the CREATE TABLE statements in its prompt (what the model was
+    shown) unless tables.json knows the db_id with all those tables (it adds types and keys), else tables.json."""
+    text = "\n".join(m["content"] for m in r.messages)
+    shown = t2s.schema_from_create_statements("prompt", text)
+    known = schemas.get(r.db_id) if r.db_id else None
+    if known is not None:
+        names = {t.name.lower() for t in known.tables}
+        if shown is None or all(t.name.lower() in names for t in shown.tables):
+            return r.db_id
+    if shown is None:
+        return None
+    layout = json.dumps([[t.name, [c.name for c in t.columns]] for t in shown.tables])
+    key = f"{r.db_id or 'db'}-{hashlib.sha1(layout.encode()).hexdigest()[:10]}"
+    shown.db_id = key
+    provider.add_schema(key, shown)
+    return key
 
 
 def looks_like_sql(text: str) -> bool:
@@ -176,23 +141,24 @@ def _normalize_text(s: str) -> str:
     return " ".join(s.split())
 
 
-def eval_loss(model, tokenizer, records: Sequence[EvalRecord], chat: bool, data_cfg: dict,
+def eval_loss(model, tokenizer, records: Sequence[EvalRecord], style: PromptStyle,
               batch_size: int = 8, max_len: Optional[int] = None) -> tuple[float, int]:
-    """Mean next-token loss over the response tokens of every record (all tokens for raw-text records)."""
+    """Mean next-token loss over the tokens training scores: each response and the EOS after it (for raw-text
+    records, every token after the first), per token over the whole file."""
     import torch
     import torch.nn.functional as F
 
     device = next(p.device for p in model.parameters())
     examples = []
     for r in records:
-        if r.gold:
-            ids, n_prompt = render_example_ids(r.messages, r.gold, tokenizer, chat, data_cfg)
-        else:  # raw text: every token is a target
-            ids, n_prompt = list(tokenizer(r.prompt)["input_ids"]), 0
+        if r.is_text:
+            ids, n_prompt = render_example_ids("", r.gold, tokenizer, PromptStyle(None, "none", style.bos_id))
+        else:
+            ids, n_prompt = render_example_ids(r.messages, r.gold, tokenizer, style)
         if max_len:
             ids = ids[:max_len]
-        labels = [-100] * min(n_prompt, len(ids)) + ids[n_prompt:]
-        if sum(1 for t in labels[1:] if t != -100):
+        labels = [-100] * min(max(n_prompt, 1), len(ids)) + ids[max(n_prompt, 1):]
+        if any(t != -100 for t in labels):
             examples.append((ids, labels))
     total, count = 0.0, 0
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -276,20 +242,13 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
         raise ConfigError(f"--metric {metric!r}; use one of {', '.join(METRICS)}")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit}: must be >= 1")
-    data_path = Path(data_path)
-    raw = read_records(data_path)
+    data_name = str(data_path)
+    raw = read_records(data_name)
     if limit is not None:
         raw = raw[:limit]
     if not raw:
-        raise DataError(f"evaluation data '{data_path}' has no records")
-
-    tables_path = Path(tables) if tables else find_tables_file(data_path)
-    if tables and not tables_path.is_file():
-        raise DataError(f"tables file '{tables}' not found; pass --tables with Spider's tables.json")
-    need_tables = any(isinstance(r, dict) and "db_id" in r for r in raw) or any(
-        isinstance(r, dict) and _DB_ID_IN_TEXT.match(str(r.get("instruction", ""))) for r in raw)
-    schemas = t2s.load_spider_tables(tables_path) if (tables_path and need_tables) else {}
-    records = [to_eval_record(i, r, schemas) for i, r in enumerate(raw)]
+        raise DataError(f"evaluation data '{data_name}' has no records")
+    records = [to_eval_record(i, rec, where) for i, (where, rec) in enumerate(raw)]
 
     if metric == "auto":
         sqlish = sum(looks_like_sql(r.gold) for r in records)
@@ -304,8 +263,7 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
     needs_model = predict_fn is None or metric == "generic"
     if needs_model and (model is None or tokenizer is None):
         model, tokenizer = load_for_inference(run_dir, device=device, load_in_4bit=load_in_4bit, info=info)
-    data_cfg = info.data_cfg if info else {}
-    use_chat = (uses_chat(info, tokenizer) if chat is None else chat) if tokenizer is not None else False
+    style = prompt_style(info, tokenizer, chat) if tokenizer is not None else None
 
     t0 = time.perf_counter()
     if predict_fn is not None:
@@ -313,11 +271,15 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
         if len(preds) != len(records):
             raise ConfigError(f"predict_fn returned {len(preds)} answers for {len(records)} records")
     else:
-        ids = [render_prompt_ids(r.messages, tokenizer, use_chat, data_cfg) for r in records]
-        preds = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        asked = [r for r in records if not r.is_text]  # raw-text records are scored by loss only
+        ids = [render_prompt_ids(r.messages, tokenizer, style) for r in asked]
+        outs = generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, batch_size=batch_size, seed=seed)
+        by_index = {r.index: o for r, o in zip(asked, outs)}
+        preds = [by_index.get(r.index, "") for r in records]
     gen_s = time.perf_counter() - t0
 
     if metric == "sql":
+        schemas = _load_schemas(tables, data_name, records)
         tmp = None
         if synth_dir is None:
             tmp = tempfile.TemporaryDirectory(prefix="shardtune-dbs-")
@@ -326,39 +288,31 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
             provider = t2s.DatabaseProvider(synth_dir, db_dir=db_dir, schemas=schemas, seed=seed,
                                             n_databases=n_databases)
             for r in records:
-                key = r.db_id if r.db_id in schemas else None
-                if key is None and provider.real_path(r.db_id) is None:
-                    # No tables.json entry: a schema written as CREATE TABLE statements in the prompt, per record.
-                    text = "\n".join(m["content"] for m in r.messages)
-                    digest = hashlib.sha1(text.encode()).hexdigest()[:10]
-                    schema = t2s.schema_from_create_statements(f"{r.db_id or 'db'}-{digest}", text)
-                    if schema is not None:
-                        key = schema.db_id
-                        provider.add_schema(key, schema)
-                r.schema_key = key
-                if key:
-                    provider.add_gold(key, r.gold)
+                if provider.real_path(r.db_id) is None:
+                    r.schema_key = _schema_key(r, schemas, provider)
+                if r.schema_key:
+                    provider.add_gold(r.schema_key, r.gold)
             summary, rows = _score_sql(records, preds, provider, timeout_s)
         finally:
             if tmp is not None:
                 tmp.cleanup()
     else:
-        rows = [{"index": r.index, "prompt": r.prompt[-300:], "gold": r.gold, "pred": p,
-                 "exact": bool(r.gold) and _normalize_text(p) == _normalize_text(r.gold)}
+        rows = [{"index": r.index, "prompt": r.prompt[-300:], "gold": r.gold[:300] if r.is_text else r.gold,
+                 "pred": p, "exact": None if r.is_text else _normalize_text(p) == _normalize_text(r.gold)}
                 for r, p in zip(records, preds)]
-        with_gold = [x for x in rows if x["gold"]]
+        asked_rows = [x for x in rows if x["exact"] is not None]
         summary = {"metric": "generic", "n": len(rows),
-                   "exact_match": sum(x["exact"] for x in with_gold) / len(with_gold) if with_gold else None}
-        max_len = (info.data_cfg.get("max_seq_len") if info else None)
-        loss, n_tok = eval_loss(model, tokenizer, records, use_chat, data_cfg, batch_size=batch_size, max_len=max_len)
+                   "exact_match": sum(x["exact"] for x in asked_rows) / len(asked_rows) if asked_rows else None}
+        max_len = info.data_cfg.get("max_seq_len") if info else None
+        loss, n_tok = eval_loss(model, tokenizer, records, style, batch_size=batch_size, max_len=max_len)
         summary.update(eval_loss=loss, perplexity=math.exp(loss) if loss == loss and loss < 50 else None,
                        loss_tokens=n_tok)
 
-    summary.update(data=str(data_path), adapter=str(info.adapter_dir) if info else None,
+    summary.update(data=data_name, adapter=str(info.adapter_dir) if info else None,
                    predictions="predict_fn" if predict_fn is not None else "greedy generation",
                    seconds_generating=round(gen_s, 2))
     result = {"summary": summary, "records": rows}
-    out_path = Path(out) if out else default_out_path(info, data_path)
+    out_path = Path(out) if out else default_out_path(info, data_name)
     if out_path is not None:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_out = out_path.with_name(out_path.name + ".tmp")
@@ -368,11 +322,12 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
     return result
 
 
-def default_out_path(info: Optional[RunInfo], data_path: Path) -> Optional[Path]:
+def default_out_path(info: Optional[RunInfo], data_name: str) -> Optional[Path]:
     if info is None:
         return None
     where = info.run_dir or info.adapter_dir
-    return where / "eval" / f"{data_path.stem}.json"
+    stem = Path(data_name.split(":", 1)[1] if data_name.startswith("builtin:") else data_name).stem
+    return where / "eval" / f"{stem}.json"
 
 
 def format_summary(summary: dict) -> str:

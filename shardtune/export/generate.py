@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -20,80 +21,102 @@ log = logging.getLogger(__name__)
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|endoftext|>", "</s>", "<end_of_turn>")
 
 
-def uses_chat(info: Optional[RunInfo], tokenizer) -> bool:
-    """Whether training wrapped samples in a chat template: every format but raw `text` does, unless the run asked
-    for data.chat_template=plain."""
+@dataclass
+class PromptStyle:
+    """How training turned a conversation into tokens: a chat template (None: the text verbatim) and whether a BOS
+    token leads each sample. Built by `prompt_style` from the run record, with shardtune.data's own rules."""
+
+    template: Optional[str]
+    name: str
+    bos_id: Optional[int] = None
+
+    @property
+    def chat(self) -> bool:
+        return self.template is not None
+
+
+def _bos_id(tokenizer) -> Optional[int]:
+    # The data pipeline adds a BOS exactly where the tokenizer itself would (Llama does, Qwen does not).
+    bos = tokenizer.bos_token_id
+    return bos if bos is not None and tokenizer("a")["input_ids"][:1] == [bos] else None
+
+
+def prompt_style(info: Optional[RunInfo], tokenizer, chat: Optional[bool] = None) -> PromptStyle:
+    """The run's rendering: data.chat_template resolved for the run's data format exactly as training resolved it.
+
+    chat=True forces a chat template (the run's, or the tokenizer's own / chatml), chat=False raw text. A bare PEFT
+    adapter without a run record uses the tokenizer's template when it has one, else raw text.
+    """
+    from shardtune.data import formats
+
+    bos = _bos_id(tokenizer)
+    if chat is False:
+        return PromptStyle(None, "none", bos)
     data = info.data_cfg if info else {}
-    fmt = (info.data_format if info else None) or data.get("format", "auto")
-    if fmt == "text" or data.get("chat_template") == "plain":
-        return False
-    if fmt == "auto" and info is not None and info.data_format is None and not data:
-        # A bare adapter without a run record: chat if the tokenizer has a template.
-        return bool(getattr(tokenizer, "chat_template", None))
-    return True
+    if chat is None and not data:
+        own = formats.tokenizer_template(tokenizer)
+        return PromptStyle(own, "tokenizer", bos) if own else PromptStyle(None, "none", bos)
+    choice = str(data.get("chat_template", "auto"))
+    fmt = (info.data_format if info else None) or "auto"
+    if chat is True:
+        choice = "auto" if choice.lower() == "none" else choice
+        fmt = "messages"
+    elif fmt == "auto":  # a run record without the detected format: every format but text is rendered as chat
+        fmt = "messages"
+    template, name, notice = formats.resolve_chat_template(choice, tokenizer, fmt)
+    if notice:
+        log.info(notice)
+    return PromptStyle(template, name, bos)
 
 
-def _template_for(tokenizer, data_cfg: dict) -> Optional[str]:
-    """The chat template to render with: the tokenizer's own (training saves it with the adapter), else the named one."""
-    name = data_cfg.get("chat_template", "auto")
-    if name == "auto" and getattr(tokenizer, "chat_template", None):
-        return None  # tokenizer default
-    if name in ("auto", "chatml"):
-        from shardtune.model.tiny import CHATML_TEMPLATE
-
-        return CHATML_TEMPLATE
-    try:  # the data pipeline owns the other named templates
-        from shardtune.data import formats  # type: ignore
-
-        templates = getattr(formats, "CHAT_TEMPLATES", None) or getattr(formats, "TEMPLATES", None) or {}
-        if name in templates:
-            return templates[name]
-    except ImportError:
-        pass
-    raise ConfigError(f"data.chat_template={name!r} is not known to `generate`; "
-                      f"use the tokenizer's own template (auto) or chatml")
+def _as_messages(prompt: str | list[dict]) -> list[dict]:
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
 
 
-def render_prompt_ids(prompt: str | list[dict], tokenizer, chat: bool, data_cfg: Optional[dict] = None) -> list[int]:
+def _pieces(messages: list[dict], answer: str, tokenizer, style: PromptStyle) -> list[tuple[str, bool]]:
+    """(text, is_answer) pieces of a conversation followed by `answer`, cut where training cuts them."""
+    from shardtune.data import formats
+
+    if style.template is None:  # verbatim: the user text, then the answer (prompt_completion / text with no template)
+        return [("".join(m["content"] for m in messages), False), (answer, True)]
+
+    def render(msgs, add_generation_prompt):
+        return tokenizer.apply_chat_template(msgs, chat_template=style.template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    try:
+        return formats.conversation_segments(messages + [{"role": "assistant", "content": answer}], render)
+    except formats.TemplateNotIncremental:
+        raise ConfigError(f"chat template '{style.name}' renders a conversation's start differently from the whole "
+                          f"conversation; pass --raw, or train with data.chat_template=chatml") from None
+
+
+def render_prompt_ids(prompt: str | list[dict], tokenizer, style: PromptStyle) -> list[int]:
     """Token ids of `prompt` as training rendered it, ending where the model's answer starts.
 
-    `prompt` is the user's text, or a conversation (list of {'role', 'content'}) whose answer comes next. In chat
-    mode it is wrapped in the chat template with the assistant turn opened; in raw mode it is tokenized as is.
+    `prompt` is the user's text, or a conversation (list of {'role', 'content'}) whose answer comes next. Each piece
+    is tokenized on its own, as the data pipeline does, so the ids equal the prompt part of a training sample.
     """
-    data_cfg = data_cfg or {}
-    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-    if not chat:
-        text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in messages)
-        return list(tokenizer(text)["input_ids"])
-    enc = tokenizer.apply_chat_template(messages, chat_template=_template_for(tokenizer, data_cfg), tokenize=True,
-                                        add_generation_prompt=True, return_dict=True)
-    return list(enc["input_ids"])
+    ids, n_prompt = render_example_ids(prompt, "x", tokenizer, style)  # the answer's content does not change the prompt
+    return ids[:n_prompt]
 
 
-def render_example_ids(prompt: str | list[dict], response: str, tokenizer, chat: bool,
-                       data_cfg: Optional[dict] = None) -> tuple[list[int], int]:
-    """(ids of prompt + response, number of leading prompt tokens): the response tokens are the ones scored, as in
-    training with train_on_prompt=false. In chat mode the response includes the template's end-of-turn tokens."""
-    data_cfg = data_cfg or {}
-    prompt_ids = render_prompt_ids(prompt, tokenizer, chat, data_cfg)
-    if not chat:
-        text = prompt if isinstance(prompt, str) else "\n\n".join(m["content"] for m in prompt)
-        full = list(tokenizer(text + response)["input_ids"])
-        if tokenizer.eos_token_id is not None:
-            full.append(int(tokenizer.eos_token_id))
-    else:
-        messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
-        messages = messages + [{"role": "assistant", "content": response}]
-        full = list(tokenizer.apply_chat_template(messages, chat_template=_template_for(tokenizer, data_cfg),
-                                                  tokenize=True, return_dict=True)["input_ids"])
-    # Normally the prompt is an exact prefix; a template that renders it differently once an answer follows (or a
-    # BPE merge across the raw-text boundary) shortens the shared prefix, and everything after it is scored.
-    n_prompt = 0
-    for a, b in zip(prompt_ids, full):
-        if a != b:
-            break
-        n_prompt += 1
-    return full, n_prompt
+def render_example_ids(prompt: str | list[dict], response: str, tokenizer, style: PromptStyle) -> tuple[list[int], int]:
+    """(ids of prompt + response + EOS, number of leading prompt ids): the sample training would build, with the
+    response (and, in chat templates, its end-of-turn marker) as the scored part."""
+    pieces = _pieces(_as_messages(prompt), response, tokenizer, style)
+    while pieces and pieces[-1][1] is False:  # the answer is last; nothing follows it
+        pieces.pop()
+    texts = [t for t, _ in pieces]
+    tokenized = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    ids: list[int] = [style.bos_id] if style.bos_id is not None else []
+    for toks in tokenized[:-1]:
+        ids += toks
+    n_prompt = len(ids)
+    answer = list(tokenized[-1]) if tokenized else []
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in answer:
+        answer.append(tokenizer.eos_token_id)
+    return ids + answer, n_prompt
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -149,7 +172,8 @@ def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 64, 
              device: str = "auto", load_in_4bit: Optional[bool] = None, batch_size: int = 8, seed: int = 0) -> list[str]:
     """Complete each prompt with the run's adapter; greedy unless temperature > 0. Returns the completions only.
 
-    chat=None follows the run (chat template for every data format but raw text). Pass `model` and `tokenizer` to
+    chat=None follows the run (its data.chat_template for its data format, as training rendered it); True forces a
+    chat template, False raw text. Pass `model` and `tokenizer` to
     reuse an already loaded model (evaluate does).
     """
     if isinstance(prompts, str):
@@ -157,8 +181,8 @@ def generate(run_dir: str | Path, prompts: list[str], max_new_tokens: int = 64, 
     info = load_run(run_dir, base=base)
     if model is None or tokenizer is None:
         model, tokenizer = load_for_inference(run_dir, device=device, load_in_4bit=load_in_4bit, info=info)
-    use_chat = uses_chat(info, tokenizer) if chat is None else chat
-    ids = [render_prompt_ids(p, tokenizer, use_chat, info.data_cfg) for p in prompts]
+    style = prompt_style(info, tokenizer, chat)
+    ids = [render_prompt_ids(p, tokenizer, style) for p in prompts]
     return generate_ids(model, tokenizer, ids, max_new_tokens=max_new_tokens, temperature=temperature,
                         batch_size=batch_size, seed=seed)
 

@@ -329,17 +329,37 @@ _NUMERIC_NAME = re.compile(r"(^|_)(id|population|area|length|altitude|elevation|
 def schema_from_create_statements(db_id: str, text: str) -> Optional[Schema]:
     """A Schema from `CREATE TABLE name ( col [type], ... )` statements embedded in a prompt (as in DB-GPT-Hub's
     records). Untyped columns get a type guessed from the name (ids, years, population -> number)."""
-    tables = []
-    for m in re.finditer(r"CREATE\s+TABLE\s+[`\"\[]?(\w+)[`\"\]]?\s*\((.*?)\)\s*(?:;|\n\s*\n|$)", text, re.I | re.S):
+    tables, fks = [], []
+    for m in re.finditer(r"CREATE\s+TABLE\s+(?:IF\s+NOT\s+EXISTS\s+)?[`\"\[]?(\w+)[`\"\]]?\s*\(", text, re.I):
+        depth, end = 1, m.end()
+        while end < len(text) and depth:  # the matching parenthesis: column types like DECIMAL(10,2) nest
+            depth += {"(": 1, ")": -1}.get(text[end], 0)
+            end += 1
+        if depth:
+            continue  # unterminated statement (e.g. a prompt cut off by truncation)
+        body = text[m.end():end - 1]
         cols, pk = [], []
-        for part in re.split(r",\s*(?![^()]*\))", m.group(2)):
+        for part in re.split(r",\s*(?![^()]*\))", body):
             words = part.strip().split()
             if not words:
                 continue
-            if words[0].upper() in ("PRIMARY", "FOREIGN", "UNIQUE", "CONSTRAINT", "CHECK"):
+            clause = " ".join(words)
+            if words[0].upper() == "PRIMARY":
+                inner = re.search(r"\((.*?)\)", clause)
+                pk += [c.strip(' `"[]') for c in inner.group(1).split(",")] if inner else []
+                continue
+            if words[0].upper() == "FOREIGN":
+                ref = re.search(r"\((.*?)\)\s*REFERENCES\s+[`\"\[]?(\w+)[`\"\]]?\s*\((.*?)\)", clause, re.I)
+                if ref:
+                    fks.append(((m.group(1), ref.group(1).strip(' `"[]')), (ref.group(2), ref.group(3).strip(' `"[]'))))
+                continue
+            if words[0].upper() in ("UNIQUE", "CONSTRAINT", "CHECK", "KEY", "INDEX"):
                 continue
             name = words[0].strip('`"[]')
             decl = " ".join(words[1:]).lower()
+            inline_ref = re.search(r"references\s+[`\"\[]?(\w+)[`\"\]]?\s*\((.*?)\)", decl)
+            if inline_ref:
+                fks.append(((m.group(1), name), (inline_ref.group(1), inline_ref.group(2).strip(' `"[]'))))
             if decl:
                 ctype = "number" if re.search(r"int|real|num|dec|float|double", decl) else (
                     "time" if re.search(r"date|time", decl) else "text")
@@ -350,7 +370,12 @@ def schema_from_create_statements(db_id: str, text: str) -> Optional[Schema]:
             cols.append(Column(name, ctype))
         if cols:
             tables.append(Table(m.group(1), cols, pk))
-    return Schema(db_id, tables) if tables else None
+    if not tables:
+        return None
+    # Keep references whose both ends exist (a prompt may show only some of the tables).
+    cols_of = {t.name: {c.name for c in t.columns} for t in tables}
+    fks = [(src, dst) for src, dst in fks if src[1] in cols_of.get(src[0], ()) and dst[1] in cols_of.get(dst[0], ())]
+    return Schema(db_id, tables, fks)
 
 
 def load_spider_tables(path: str | Path) -> dict[str, Schema]:

@@ -94,11 +94,15 @@ def test_generic_loss_matches_a_direct_computation(tiny_run, tmp_path):
     s = res["summary"]
     assert s["metric"] == "generic" and s["exact_match"] == 0.0
 
-    # reference: one sequence at a time, no padding, loss on the answer tokens only
+    # reference: one sequence at a time, no padding, loss on the answer tokens (and the EOS after them) only
+    from shardtune.export.adapter import load_run
+    from shardtune.export.generate import prompt_style
+
+    style = prompt_style(load_run(tiny_run.run_dir), tok)
     total, count = 0.0, 0
     for i, r in enumerate(recs):
-        er = to_eval_record(i, r, {})
-        ids, n_prompt = render_example_ids(er.messages, er.gold, tok, chat=True)
+        er = to_eval_record(i, r)
+        ids, n_prompt = render_example_ids(er.messages, er.gold, tok, style)
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
         logp = torch.log_softmax(logits.float(), -1)
@@ -111,20 +115,20 @@ def test_generic_loss_matches_a_direct_computation(tiny_run, tmp_path):
 
 
 def test_record_formats_and_errors(tmp_path):
-    schemas = {}
-    r = to_eval_record(0, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]},
-                       schemas)
+    r = to_eval_record(0, {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]})
     assert r.messages == [{"role": "user", "content": "q"}] and r.gold == "a"
-    r = to_eval_record(0, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}, schemas)
+    r = to_eval_record(0, {"conversations": [{"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]})
     assert r.messages[0]["role"] == "user" and r.gold == "a"
     r = to_eval_record(0, {"instruction": "concert_singer contains tables such as singer.", "input": "How many?",
-                           "output": "SELECT count(*) FROM singer"}, schemas)
+                           "output": "SELECT count(*) FROM singer"})
     assert r.db_id == "concert_singer" and r.prompt.endswith("\n\nHow many?")
-    with pytest.raises(DataError, match="record 3 has keys"):
-        to_eval_record(3, {"foo": 1}, schemas)
+    r = to_eval_record(0, {"text": "just text"})
+    assert r.is_text and r.gold == "just text"
+    with pytest.raises(DataError, match="x.json:3: cannot detect"):
+        to_eval_record(3, {"foo": 1}, "x.json:3")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a"}\n{oops\n')
-    with pytest.raises(DataError, match="bad.jsonl:2"):
+    with pytest.raises(DataError, match="bad.jsonl:2: malformed JSON"):
         read_records(bad)
     with pytest.raises(DataError, match="not found"):
         read_records(tmp_path / "missing.json")

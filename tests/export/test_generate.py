@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import json
 
 import pytest
 import torch
 
 from shardtune.export import generate as gen_mod
 from shardtune.export.adapter import load_for_inference, load_run
-from shardtune.export.generate import generate, render_example_ids, render_prompt_ids, stop_token_ids, uses_chat
+from shardtune.export.generate import (generate, prompt_style, render_example_ids, render_prompt_ids,
+                                       stop_token_ids)
 from shardtune.model.tiny import CHATML_TEMPLATE
 
 
@@ -33,32 +35,60 @@ def _greedy_reference(model, ids: list[int], n: int, stops: list[int]) -> list[i
 
 def test_chat_runs_wrap_prompts_in_the_template(tiny_run, run_copy, loaded):
     _, tok = loaded
-    ids = render_prompt_ids("How many singers?", tok, chat=True)
-    text = tok.decode(ids)
+    style = prompt_style(load_run(tiny_run.run_dir), tok)  # alpaca data -> the tokenizer's chat template
+    assert style.chat
+    text = tok.decode(render_prompt_ids("How many singers?", tok, style))
     assert text.startswith("<|im_start|>user\nHow many singers?<|im_end|>") and text.endswith("<|im_start|>assistant\n")
-    assert render_prompt_ids("How many singers?", tok, chat=False) == tok("How many singers?")["input_ids"]
-    assert uses_chat(load_run(tiny_run.run_dir), tok) is True            # alpaca data -> chat
-    assert uses_chat(load_run(run_copy(data_format="text")), tok) is False  # raw text data -> raw
+    raw = prompt_style(load_run(run_copy(data_format="text")), tok)  # raw text data -> raw
+    assert not raw.chat
+    assert render_prompt_ids("How many singers?", tok, raw) == tok("How many singers?", add_special_tokens=False)[
+        "input_ids"]
+    assert not prompt_style(load_run(tiny_run.run_dir), tok, chat=False).chat
 
 
-def test_tokenizer_without_template_falls_back_to_chatml(loaded):
+def test_tokenizer_without_template_falls_back_to_chatml(tiny_run, loaded):
     _, tok = loaded
     saved, tok.chat_template = tok.chat_template, None
     try:
-        ids = render_prompt_ids("hi", tok, chat=True, data_cfg={"chat_template": "auto"})
+        style = prompt_style(load_run(tiny_run.run_dir), tok)
+        ids = render_prompt_ids("hi", tok, style)
     finally:
         tok.chat_template = saved
+    assert style.name == "chatml"
     want = tok.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=CHATML_TEMPLATE,
                                    add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert ids == list(want)
 
 
-def test_example_ids_score_only_the_answer(loaded):
+def test_prompts_and_samples_equal_what_training_builds(tiny_run, loaded, tmp_path):
+    """The ids generate/evaluate use are the training pipeline's own: prompt = the masked prefix of a sample."""
+    from shardtune.config import DataConfig
+    from shardtune.data.formats import prompt_and_answer
+    from shardtune.data.pipeline import build_datasets
+
     _, tok = loaded
-    prompt_ids = render_prompt_ids("q", tok, chat=True)
-    full, n_prompt = render_example_ids("q", "SELECT 1", tok, chat=True)
+    rec = {"instruction": "CREATE TABLE singer (name, age)", "input": "Who is older than 30?",
+           "output": "SELECT name FROM singer WHERE age > 30", "history": [["How many?", "SELECT count(*) FROM singer"]]}
+    path = tmp_path / "one.jsonl"
+    path.write_text(json.dumps(rec) + "\n")
+    sample = build_datasets(DataConfig(path=str(path), val_fraction=0.0, max_seq_len=4096), tok, seed=0).train[0]
+    ids, labels = sample["input_ids"], sample["labels"]
+    first_target_of_last_answer = max(i for i in range(1, len(labels)) if labels[i] != -100 and labels[i - 1] == -100)
+
+    messages, answer = prompt_and_answer(rec)
+    style = prompt_style(load_run(tiny_run.run_dir), tok)
+    assert render_prompt_ids(messages, tok, style) == ids[:first_target_of_last_answer]
+    full, n_prompt = render_example_ids(messages, answer, tok, style)
+    assert full == ids and n_prompt == first_target_of_last_answer
+
+
+def test_example_ids_score_only_the_answer(tiny_run, loaded):
+    _, tok = loaded
+    style = prompt_style(load_run(tiny_run.run_dir), tok)
+    prompt_ids = render_prompt_ids("q", tok, style)
+    full, n_prompt = render_example_ids("q", "SELECT 1", tok, style)
     assert n_prompt == len(prompt_ids) and full[:n_prompt] == prompt_ids
-    assert tok.decode(full[n_prompt:]).startswith("SELECT 1<|im_end|>")
+    assert tok.decode(full[n_prompt:]) == "SELECT 1<|im_end|>\n</s>"
 
 
 def test_greedy_generation_matches_a_plain_argmax_decoder(tiny_run, loaded):
@@ -67,8 +97,9 @@ def test_greedy_generation_matches_a_plain_argmax_decoder(tiny_run, loaded):
     outs = generate(tiny_run.run_dir, prompts, max_new_tokens=12, model=model, tokenizer=tok)
     assert len(outs) == 3 and all(isinstance(o, str) for o in outs) and any(outs)
     stops = stop_token_ids(tok)
+    style = prompt_style(load_run(tiny_run.run_dir), tok)
     for p, o in zip(prompts, outs):
-        ref = _greedy_reference(model, render_prompt_ids(p, tok, chat=True), 12, stops)
+        ref = _greedy_reference(model, render_prompt_ids(p, tok, style), 12, stops)
         assert o == tok.decode(ref, skip_special_tokens=True).strip()
     # a left-padded batch gives what each prompt gives alone
     alone = [generate(tiny_run.run_dir, [p], max_new_tokens=12, model=model, tokenizer=tok)[0] for p in prompts]
