@@ -83,6 +83,16 @@ def init_deepspeed_comm(device: torch.device) -> None:
     """Make DeepSpeed's communication layer use the torch process group already created by `init_distributed`."""
     import deepspeed
     import torch.distributed as tdist
+    if device.type == "cpu" and os.environ.get("SHARDTUNE_DS_SHM") != "1":
+        # On the CPU accelerator DeepSpeed JIT-compiles a shared-memory all-reduce op at its first communication set-up
+        # (minutes on a small machine, every fresh install). CPU runs are for tests and tiny jobs; gloo is enough.
+        # deepspeed.ops keeps this probe result in a module-level dict meant to persist edits.
+        import deepspeed.ops as ds_ops
+        ops = ds_ops.__compatible_ops__
+        if "deepspeed_shm_comm" not in ops:
+            raise EnvironmentProblem("this deepspeed version has no 'deepspeed_shm_comm' op entry; shardtune's CPU "
+                                     "set-up needs updating (or set SHARDTUNE_DS_SHM=1 to let it compile the op)")
+        ops["deepspeed_shm_comm"] = False
     if tdist.is_initialized():
         deepspeed.init_distributed(dist_backend=tdist.get_backend())
     else:

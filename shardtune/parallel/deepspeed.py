@@ -1,0 +1,151 @@
+"""DeepSpeed ZeRO-2/3 (optionally offloading optimizer state and, for stage 3, parameters to the CPU).
+
+QLoRA under ZeRO-3 without transformers' zero.Init path: the 4-bit model is loaded normally first (quant storage =
+compute dtype, so the packed data is a float tensor), then `deepspeed.initialize` partitions the existing module's
+parameters. The 'weight has shape [0]' and 'Model was not initialized with Zero-3' failures come from loading *inside*
+zero.Init and cannot happen here. For stage 3 the Linear4bit layers are first converted to ShardedLinear4bit
+(shardtune.parallel.quant4) so their quantization constants are partitioned too and the forward never depends on a
+replicated quant_state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardtune.errors import ConfigError, EnvironmentProblem
+from shardtune.parallel.balance import tensor_local_bytes
+from shardtune.parallel.base import Engine
+from shardtune.train.optim import build_optimizer, build_scheduler
+
+TAG = "deepspeed"
+
+
+def _hidden_size(model: nn.Module) -> int | None:
+    c = getattr(model, "config", None)
+    c = getattr(c, "get_text_config", lambda: c)() if c is not None else None
+    return getattr(c, "hidden_size", None)
+
+
+def _min_quant_numel(model: nn.Module) -> int | None:
+    import bitsandbytes as bnb
+    sizes = [m.weight.numel() for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    sizes += [m.quant_blob.numel() for m in model.modules() if hasattr(m, "quant_blob")]
+    return min(sizes) if sizes else None
+
+
+def check_storage_vs_precision(model: nn.Module, ds_cfg: dict) -> None:
+    """DeepSpeed casts the whole module to bf16/fp16 when that mode is on; packed 4-bit bytes held in a float
+    tensor of another dtype would be converted as numbers and scrambled."""
+    import bitsandbytes as bnb
+    want = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else (
+        torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else None)
+    if want is None:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            st = m.weight.dtype
+            if st.is_floating_point and st != want:
+                raise ConfigError(f"4-bit weights of {name} are stored as {str(st).replace('torch.', '')} but DeepSpeed "
+                                  f"runs in {str(want).replace('torch.', '')} and would cast (scramble) them; load with "
+                                  "bnb_4bit_quant_storage equal to the compute dtype (shardtune's loader does)")
+
+
+class DeepSpeedEngine(Engine):
+    name = "deepspeed"
+
+    def setup(self, model: nn.Module, total_steps: int):
+        try:
+            import deepspeed
+        except ImportError:
+            raise EnvironmentProblem("parallel.strategy=deepspeed needs deepspeed; pip install 'shardtune[deepspeed]'") from None
+        from shardtune.parallel.dsconfig import build_ds_config, describe_filled
+        from shardtune.parallel.launch import init_deepspeed_comm
+        from shardtune.parallel.quant4 import make_shardable
+
+        init_deepspeed_comm(self.device)
+        ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
+                                         hidden_size=_hidden_size(model), total_steps=total_steps,
+                                         min_quant_numel=None)
+        self.stage = int(ds_cfg["zero_optimization"]["stage"])
+        if self.stage == 3:
+            make_shardable(model, weight_dtype=self.compute_dtype)
+            # the persistence threshold must be recomputed now that the constants are parameters too
+            ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
+                                             hidden_size=_hidden_size(model), total_steps=total_steps,
+                                             min_quant_numel=_min_quant_numel(model))
+        check_storage_vs_precision(model, ds_cfg)
+        if self.dist.is_main and (self.cfg.parallel.deepspeed_config or filled):
+            print(describe_filled(filled, self.cfg.parallel.deepspeed_config), flush=True)
+        self.ds_config = ds_cfg
+        z = ds_cfg["zero_optimization"]
+        offload_opt = isinstance(z.get("offload_optimizer"), dict) and z["offload_optimizer"].get("device", "none") != "none"
+
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = None
+        if "optimizer" not in ds_cfg:
+            optimizer = build_optimizer(params, self.cfg.train, torch.device("cpu") if offload_opt else self.device)
+        scheduler = None
+        if "scheduler" not in ds_cfg:
+            tcfg = self.cfg.train
+            scheduler = lambda opt: build_scheduler(opt, tcfg, total_steps)  # noqa: E731 - DeepSpeed takes a callable
+        self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
+            dist_init_required=False)
+        self.model = self.ds
+        return self.ds
+
+    def accumulating(self, is_last_micro_step: bool):
+        # ZeRO reduces (stage 2/3: reduce-scatters) at the boundary only
+        self.ds.set_gradient_accumulation_boundary(is_last_micro_step)
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        # DeepSpeed averages gradients over ranks: scale by the world size; gas scaling is turned off (the loop's loss
+        # is already normalised over the whole global batch)
+        self.ds.backward(loss * self.dist.world_size, scale_wrt_gas=False)
+
+    def step(self) -> torch.Tensor:
+        self.ds.step()
+        norm = self.ds.get_global_grad_norm()
+        if norm is None:
+            norm = float("nan")
+        return torch.as_tensor(float(norm))
+
+    def lr(self) -> float:
+        return float(self.ds.get_lr()[0])
+
+    def unwrapped(self) -> nn.Module:
+        return self.ds.module
+
+    def save_checkpoint(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
+        """DeepSpeed's own sharded format (each rank writes its optimizer partition); frozen base weights excluded."""
+        self.ds.save_checkpoint(str(ckpt_dir), tag=TAG, client_state=dict(client_state), save_latest=False,
+                                exclude_frozen_parameters=True)
+
+    def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any]:
+        path, client = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_module_strict=False,
+                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise ConfigError(f"no DeepSpeed checkpoint in {ckpt_dir}/{TAG}; was it written by parallel.strategy=deepspeed?")
+        return client or {}
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 LoRA weights (DeepSpeed's master copy, gathered over ranks under ZeRO-3)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        out = {}
+        for n, p in self.ds.module.named_parameters():
+            if p.requires_grad:
+                full = safe_get_full_fp32_param(p)
+                if full is None:
+                    full = p.detach()
+                out[n] = full.detach().float().to("cpu", copy=True)
+        return out
+
+    def local_param_bytes(self) -> int:
+        # ZeRO-3: the partition (ds_tensor), wherever it lives (GPU or offloaded); ZeRO-2: the full replica
+        return sum(tensor_local_bytes(p) for p in self.ds.module.parameters())
