@@ -395,9 +395,12 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Splits:
     if counts["no_target"]:
         _warn(f"shardtune: {counts['no_target']} records have no response tokens within data.max_seq_len={max_len} "
               "and were dropped; raise data.max_seq_len to keep them")
+    rejected = bad.count + val_bad.count - bad_before
     if not train:
-        raise DataError(f"data.path '{data_cfg.path}': no training samples left ({len(train_ex)} records, all without "
-                        f"response tokens within data.max_seq_len={max_len}); raise data.max_seq_len")
+        raise DataError(f"data.path '{data_cfg.path}': no training samples left after tokenizing {len(train_ex)} "
+                        f"records ({counts['no_target']} without response tokens within data.max_seq_len={max_len}, "
+                        f"{rejected} rejected by the chat template); raise data.max_seq_len or change "
+                        "data.chat_template")
     if bad.count or val_bad.count:
         for b, p in ((bad, data_cfg.path), (val_bad, data_cfg.val_path)):
             if b.count:
@@ -407,7 +410,7 @@ def build_datasets(data_cfg, tokenizer, seed: int) -> Splits:
     val_tokens, val_targets = _summary_tokens(val)
     stats = {
         "path": data_cfg.path, "val_path": data_cfg.val_path, "format": fmt, "chat_template": template_name,
-        "records_read": n_read + val_read, "records_used": len(train_ex) + len(val_ex) - (bad.count + val_bad.count - bad_before),
+        "records_read": n_read + val_read, "records_used": len(train_ex) + len(val_ex) - rejected,
         "skipped": {**{k: v for k, v in (bad.kinds + val_bad.kinds).items()},
                     **({"no response tokens within max_seq_len": counts["no_target"]} if counts["no_target"] else {})},
         "bad_lines": bad.count + val_bad.count, "truncated": counts["truncated"],

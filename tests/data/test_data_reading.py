@@ -209,3 +209,10 @@ def test_bad_lines_also_counted_in_val_file(tmp_path, tok, capsys):
     s = build_datasets(data_cfg(p, val_path=str(v), on_bad_line="skip"), tok, 0)
     assert s.stats["bad_lines"] == 1 and len(s.val) == 2
     assert f"{v}:2:" in capsys.readouterr().err
+
+
+def test_nothing_left_after_truncation(tmp_path, tok, capsys):
+    p = write_jsonl(tmp_path / "d.jsonl", [{"instruction": "What is two plus two? " * 30, "output": "Four."}] * 3)
+    with pytest.raises(DataError) as e:
+        build_datasets(data_cfg(p, max_seq_len=16), tok, 0)
+    assert "no training samples left" in one_line(e) and "data.max_seq_len=16" in str(e.value)
