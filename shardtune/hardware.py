@@ -1,0 +1,203 @@
+"""GPU catalogue, `--gpus` strings ("8xV100-32GB", "2xRTX4090", "1x24GB", "4xH200@24GB") and local detection.
+
+Numbers are vendor datasheet values: memory as the driver reports it (MiB), dense (non-sparse) bf16/fp16 tensor-core
+peak with fp32 accumulation (what PyTorch matmuls use), HBM/GDDR bandwidth, and the GPU-to-GPU link of the usual
+server build (NVLink for SXM parts, PCIe otherwise). The planner multiplies these by efficiency factors that are
+fitted to measurements (shardtune.plan.speed.SpeedConstants). Importing this module does not import torch.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+
+from shardtune.errors import ConfigError
+
+MiB = 1024 ** 2
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class GPUSpec:
+    name: str
+    memory_bytes: int
+    bf16: bool                      # native bfloat16 (Ampere and newer)
+    peak_tflops: float              # dense bf16 (fp16 where bf16 is missing) tensor-core TFLOP/s, fp32 accumulate
+    mem_bandwidth_gbs: float        # device memory bandwidth, GB/s
+    link_gbs: float                 # GPU<->GPU bandwidth per GPU for collectives, GB/s per direction
+    link: str                       # "NVLink" | "PCIe"
+    pcie_gbs: float = 20.0          # host<->device bandwidth seen by offload (pinned memory), GB/s
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_bytes / GiB
+
+
+def _g(name, mib, bf16, tflops, bw, link_gbs, link, pcie=20.0, aliases=()):
+    return GPUSpec(name, mib * MiB, bf16, tflops, bw, link_gbs, link, pcie, tuple(aliases))
+
+
+# Memory in MiB as nvidia-smi / torch.cuda.get_device_properties report it for each board.
+GPU_CATALOGUE: dict[str, GPUSpec] = {g.name: g for g in [
+    _g("V100-16GB", 16160, False, 125, 900, 150, "NVLink", 12, ["V100", "Tesla V100-SXM2-16GB", "V100-SXM2-16GB"]),
+    _g("V100-32GB", 32510, False, 125, 900, 150, "NVLink", 12, ["V100S", "Tesla V100-SXM2-32GB", "V100-SXM2-32GB"]),
+    _g("T4-16GB", 15360, False, 65, 320, 12, "PCIe", 12, ["T4", "Tesla T4"]),
+    _g("A100-40GB", 40960, True, 312, 1555, 300, "NVLink", 25, ["A100", "A100-SXM4-40GB", "A100-PCIE-40GB"]),
+    _g("A100-80GB", 81920, True, 312, 2039, 300, "NVLink", 25, ["A100-SXM4-80GB", "A100 80GB PCIe"]),
+    _g("H100-80GB", 81559, True, 989, 3350, 450, "NVLink", 50, ["H100", "H100 80GB HBM3", "H100-SXM5-80GB"]),
+    _g("H100-PCIe-80GB", 81559, True, 756, 2000, 50, "PCIe", 50, ["H100 PCIe"]),
+    _g("H200-141GB", 143771, True, 989, 4800, 450, "NVLink", 50, ["H200", "NVIDIA H200"]),
+    _g("RTX2080Ti-11GB", 11264, False, 54, 616, 12, "PCIe", 12, ["RTX2080Ti", "GeForce RTX 2080 Ti", "2080Ti"]),
+    _g("RTX3090-24GB", 24576, True, 71, 936, 20, "PCIe", 20, ["RTX3090", "GeForce RTX 3090", "3090"]),
+    _g("RTX4090-24GB", 24564, True, 165, 1008, 20, "PCIe", 20, ["RTX4090", "GeForce RTX 4090", "4090"]),
+    _g("A10G-24GB", 23028, True, 70, 600, 12, "PCIe", 12, ["A10G", "NVIDIA A10G"]),
+    _g("A10-24GB", 23028, True, 125, 600, 20, "PCIe", 20, ["A10", "NVIDIA A10"]),
+    _g("L4-24GB", 23034, True, 121, 300, 20, "PCIe", 20, ["L4", "NVIDIA L4"]),
+    _g("A6000-48GB", 49140, True, 155, 768, 50, "NVLink", 20, ["A6000", "RTX A6000", "NVIDIA RTX A6000"]),
+    _g("L40S-48GB", 46068, True, 362, 864, 25, "PCIe", 25, ["L40S", "NVIDIA L40S"]),
+]}
+
+# A GPU given only by memory ("1x24GB"): a mid-range PCIe card. Speed numbers are placeholders; say so in reports.
+GENERIC = GPUSpec("generic", 0, True, 100.0, 900.0, 20.0, "PCIe", 20.0)
+
+DEFAULT_INTER_NODE_GBS = 12.5   # 100 Gbit/s Ethernet/InfiniBand per node
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The machines a run is planned for: `gpus_per_node` GPUs of one kind on each of `nodes` nodes."""
+
+    gpu: GPUSpec
+    gpus_per_node: int = 1
+    nodes: int = 1
+    cpu_ram_bytes: int | None = None        # per node; None = unknown
+    inter_node_gbs: float = DEFAULT_INTER_NODE_GBS
+    source: str = "given"                  # "given" (--gpus / plan.gpus) or "detected"
+    memory_cap_bytes: int | None = None     # "@24GB": per-process cap below the board's memory
+
+    @property
+    def world_size(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        """Memory one process may use: the cap if one was given, else the board's memory."""
+        return self.memory_cap_bytes or self.gpu.memory_bytes
+
+    def describe(self) -> str:
+        mem = self.gpu_memory_bytes / GiB
+        cap = f"@{mem:.0f}GiB" if self.memory_cap_bytes else ""
+        nodes = f" x {self.nodes} nodes" if self.nodes > 1 else ""
+        return f"{self.gpus_per_node}x{self.gpu.name}{cap}{nodes} ({mem:.1f} GiB each)"
+
+    def with_world(self, gpus_per_node: int, nodes: int = 1) -> "Hardware":
+        return replace(self, gpus_per_node=gpus_per_node, nodes=nodes)
+
+    def to_dict(self) -> dict:
+        return {"gpu": self.gpu.name, "gpus_per_node": self.gpus_per_node, "nodes": self.nodes,
+                "world_size": self.world_size, "gpu_memory_bytes": self.gpu_memory_bytes,
+                "cpu_ram_bytes": self.cpu_ram_bytes, "bf16": self.gpu.bf16, "peak_tflops": self.gpu.peak_tflops,
+                "mem_bandwidth_gbs": self.gpu.mem_bandwidth_gbs, "link": self.gpu.link,
+                "link_gbs": self.gpu.link_gbs, "pcie_gbs": self.gpu.pcie_gbs, "source": self.source}
+
+
+def _key(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower().replace("nvidia", "").replace("tesla", "").replace("geforce", ""))
+
+
+def _index() -> dict[str, GPUSpec]:
+    idx: dict[str, GPUSpec] = {}
+    for g in GPU_CATALOGUE.values():
+        for a in (g.name, *g.aliases):
+            idx.setdefault(_key(a), g)
+    return idx
+
+
+def find_gpu(name: str) -> GPUSpec | None:
+    """Catalogue entry for a GPU name ('V100-32GB', 'a100', 'NVIDIA H100 80GB HBM3'), or None."""
+    idx = _index()
+    k = _key(name)
+    if k in idx:
+        return idx[k]
+    # a device name with extra words ("NVIDIA A100-SXM4-80GB MIG 1g.10gb"): longest catalogue key it contains
+    hits = [(len(a), g) for a, g in idx.items() if a and a in k]
+    return max(hits, key=lambda t: t[0])[1] if hits else None
+
+
+_MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|g)$", re.I)
+
+
+def _parse_mem(text: str) -> int | None:
+    m = _MEM_RE.match(text.strip())
+    # GPU memory sizes are binary in practice: a "24GB" card has 24 GiB (24576 MiB).
+    return int(float(m.group(1)) * GiB) if m else None
+
+
+def parse_gpus(text: str, nodes: int = 1, cpu_ram_bytes: int | None = None,
+               inter_node_gbs: float = DEFAULT_INTER_NODE_GBS) -> Hardware:
+    """'8xV100-32GB', '2xRTX4090', '1x24GB' (memory only), '4xH200@24GB' (H200 speed, 24 GiB per process),
+    'H100' (one GPU). Counts are per node; `nodes` multiplies them."""
+    raw = (text or "").strip()
+    m = re.match(r"^(?:(\d+)\s*[x×*]\s*)?(.+?)(?:@(.+))?$", raw, re.I)
+    if not raw or not m:
+        raise ConfigError(f"--gpus '{text}' is not understood; use e.g. 8xV100-32GB, 2xRTX4090, 1x24GB or 4xH200@24GB")
+    count = int(m.group(1) or 1)
+    what, cap_text = m.group(2).strip(), m.group(3)
+    if count < 1 or nodes < 1:
+        raise ConfigError(f"--gpus '{text}': GPU and node counts must be >= 1")
+    cap = None
+    if cap_text is not None:
+        cap = _parse_mem(cap_text)
+        if cap is None:
+            raise ConfigError(f"--gpus '{text}': the cap after '@' must be a memory size such as 24GB")
+    mem = _parse_mem(what)
+    if mem is not None:
+        gpu = replace(GENERIC, name=f"generic-{mem / GiB:g}GB", memory_bytes=mem)
+    else:
+        gpu = find_gpu(what)
+        if gpu is None:
+            raise ConfigError(f"--gpus '{text}': unknown GPU '{what}'; known: {', '.join(GPU_CATALOGUE)}, "
+                              "or give the memory alone (e.g. 1x24GB)")
+    if cap is not None and cap > gpu.memory_bytes:
+        raise ConfigError(f"--gpus '{text}': cap {cap_text} is more than the {gpu.name}'s "
+                          f"{gpu.memory_bytes / GiB:.0f} GiB")
+    return Hardware(gpu=gpu, gpus_per_node=count, nodes=nodes, cpu_ram_bytes=cpu_ram_bytes,
+                    inter_node_gbs=inter_node_gbs, memory_cap_bytes=cap)
+
+
+def cpu_ram_bytes() -> int | None:
+    try:
+        import psutil
+        return int(psutil.virtual_memory().total)
+    except Exception:
+        return None
+
+
+def detect_hardware(nodes: int = 1) -> Hardware | None:
+    """The GPUs torch can see on this machine (name matched to the catalogue, real memory), or None without CUDA."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    if not torch.cuda.is_available() or torch.cuda.device_count() == 0:
+        return None
+    props = torch.cuda.get_device_properties(0)
+    count = torch.cuda.device_count()
+    spec = find_gpu(props.name)
+    if spec is None:
+        major = getattr(props, "major", 8)
+        spec = replace(GENERIC, name=props.name, bf16=major >= 8)
+    spec = replace(spec, memory_bytes=int(props.total_memory))
+    return Hardware(gpu=spec, gpus_per_node=count, nodes=nodes, cpu_ram_bytes=cpu_ram_bytes(), source="detected")
+
+
+def hardware_for(gpus: str | None, nodes: int = 1) -> Hardware:
+    """`gpus` if given, else the detected GPUs; without either, an error that says how to name them."""
+    if gpus:
+        return parse_gpus(gpus, nodes=nodes, cpu_ram_bytes=cpu_ram_bytes())
+    hw = detect_hardware(nodes)
+    if hw is None:
+        raise ConfigError("no GPU detected and none given; pass --gpus (e.g. --gpus 8xV100-32GB or 1x24GB) "
+                          "or set plan.gpus in the config")
+    return hw

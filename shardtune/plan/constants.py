@@ -1,0 +1,73 @@
+"""Every tunable number of the planner in one dataclass, so a calibration can fit them and a test can pin them.
+
+Memory terms that follow from tensor shapes (weights, LoRA, optimizer states, saved activations) have no constant;
+only what the shapes cannot tell is here: allocator behaviour, fixed per-process costs, and the efficiencies that
+turn FLOPs and bytes into seconds. Defaults are first guesses from public measurements; `shardtune.plan.calibrate`
+reports how far they are from the lead's GPU measurements in bench/results/calibration*.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+MiB = 1024 ** 2
+GiB = 1024 ** 3
+
+
+@dataclass(frozen=True)
+class PlanConstants:
+    # ---------------------------------------------------------------- memory (bytes, fractions)
+    cuda_context_bytes: int = 500 * MiB        # CUDA context + cuBLAS/cuDNN handles: outside torch's allocator
+    nccl_bytes: int = 300 * MiB                # NCCL communicator buffers per process when world > 1
+    alloc_frag_frac: float = 0.06              # reserved = allocated peak * (1 + this) + alloc_frag_min_bytes
+    alloc_frag_min_bytes: int = 64 * MiB
+    loss_bytes_per_logit: float = 12.0         # fp32 log-softmax out + its grad + grad-in at the CE backward peak
+    bwd_transient_mlp: float = 1.0             # net live gradient tensors of width `intermediate` in a layer backward
+    bwd_transient_hidden: float = 1.5          # ... and of width `hidden` (residual grad, norm grads)
+    dropout_mask_bytes: float | None = 1.0     # CUDA's fused dropout keeps a bool mask; None = compute dtype (CPU)
+    quant_state_sharded: bool = False          # fsdp/zero3: 4-bit absmax constants sharded too (else replicated)
+    fsdp_prefetch_layers: int = 2              # unsharded decoder layers in flight (current + prefetched)
+    ds_reduce_bucket_elems: int | None = None  # ZeRO reduce bucket; None = hidden^2 (the HF 'auto' value)
+    ds_prefetch_bucket_elems: int | None = None  # ZeRO-3 prefetch bucket; None = 0.9 * hidden^2 ('auto')
+    cpu_base_per_rank_bytes: int = 3 * GiB     # RSS of a rank with torch + CUDA + transformers imported
+    # ---------------------------------------------------------------- speed (fractions of peak, seconds)
+    matmul_eff: float = 0.62                   # achieved / peak for the large bf16 GEMMs of a decoder layer
+    attn_eff: float = 0.45                     # flash/efficient SDPA, forward + backward
+    mem_eff: float = 0.70                      # achieved / peak device bandwidth for memory-bound kernels
+    elementwise_traffic: float = 4.0           # bytes moved per byte of saved activation (norms, rope, act, adds)
+    loss_traffic_bytes_per_logit: float = 20.0  # lm_head output + fp32 upcast + log-softmax + its backward
+    dequant_bytes_per_param: float = 4.5       # 4-bit read (0.5) + bf16 write (2) + re-read by the GEMM (2)
+    int8_matmul_slowdown: float = 2.0          # LLM.int8 matmul with outlier decomposition vs a bf16 GEMM
+    launch_s: float = 6e-6                     # per CUDA kernel launch (host-bound small kernels)
+    kernels_per_layer: int = 60                # fwd + bwd kernels of a decoder layer without LoRA
+    kernels_per_lora_linear: int = 14          # fwd + bwd kernels a LoRA wrapper adds (dropout, A, B, scale, add)
+    comm_eff: float = 0.75                     # achieved / nominal link bandwidth for NCCL collectives
+    comm_overlap: float = 0.8                  # fraction of compute time that can hide communication
+    pcie_eff: float = 0.8                      # achieved / nominal host<->device bandwidth (pinned)
+    cpu_adam_params_per_s: float = 1.0e9       # DeepSpeed CPUAdam throughput per rank
+    optimizer_bytes_per_param: float = 32.0    # fused AdamW: read p, g, m, v and write p, m, v (fp32)
+
+    def replace(self, **kw) -> "PlanConstants":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "PlanConstants":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            from shardtune.errors import ConfigError
+            raise ConfigError(f"unknown planner constant(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**d)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "PlanConstants":
+        return cls.from_dict(json.loads(Path(path).read_text()))
+
+
+DEFAULT_CONSTANTS = PlanConstants()

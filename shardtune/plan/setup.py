@@ -1,0 +1,194 @@
+"""`TrainSetup`: the few facts about a run that decide its memory and speed, taken from a RunConfig and the hardware.
+
+The planner works on this flat, hashable record rather than on RunConfig so the search can vary one field at a time
+and calibration records (plain JSON) can be turned into one directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from shardtune.errors import ConfigError
+
+METHODS = ("full", "lora", "qlora", "int8")
+STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
+ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+
+
+@dataclass(frozen=True)
+class TrainSetup:
+    method: str = "qlora"               # full | lora | qlora | int8
+    strategy: str = "none"              # none | ddp | fsdp | deepspeed
+    zero_stage: int = 3                 # deepspeed stage; fsdp: 2 = reshard_after_forward False, 3 = True
+    offload_optimizer: bool = False
+    offload_param: bool = False
+    world_size: int = 1
+    gpus_per_node: int = 1
+    micro_batch: int = 1
+    seq_len: int = 2048
+    grad_accum: int = 1
+    grad_ckpt: bool = True
+    precision: str = "bf16"             # compute dtype: bf16 | fp16 | fp32
+    lora_rank: int = 16
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    lora_dropout: float = 0.05
+    modules_to_save: tuple[str, ...] = ()
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    optimizer: str = "adamw"            # adamw | adamw_8bit | paged_adamw_8bit
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ConfigError(f"train.method={self.method!r}; allowed: {' | '.join(METHODS)}")
+        if self.strategy not in STRATEGIES:
+            raise ConfigError(f"parallel.strategy={self.strategy!r}; allowed: {' | '.join(STRATEGIES)}")
+        if self.precision not in ELEMENT_BYTES:
+            raise ConfigError(f"train.precision={self.precision!r}; allowed: bf16 | fp16 | fp32")
+        if self.zero_stage not in (2, 3):
+            raise ConfigError(f"parallel.zero_stage={self.zero_stage!r}; allowed: 2 | 3")
+
+    # ---- derived
+    @property
+    def elem(self) -> int:
+        """Bytes per element of the compute dtype (activations, non-quantized weights, 4-bit storage dtype)."""
+        return ELEMENT_BYTES[self.precision]
+
+    @property
+    def autocast(self) -> bool:
+        return self.precision != "fp32"
+
+    @property
+    def tokens(self) -> int:
+        return self.micro_batch * self.seq_len
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.world_size
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world_size // max(1, self.gpus_per_node))
+
+    @property
+    def shards_params(self) -> bool:
+        """Parameters live sharded 1/N at rest (FSDP in either mode, ZeRO-3)."""
+        return self.strategy == "fsdp" or (self.strategy == "deepspeed" and self.zero_stage == 3)
+
+    @property
+    def gathers_all_params(self) -> bool:
+        """FSDP with reshard_after_forward=False keeps every layer unsharded from its forward to its backward."""
+        return self.strategy == "fsdp" and self.zero_stage == 2
+
+    @property
+    def shards_states(self) -> bool:
+        """Gradients and optimizer states partitioned 1/N (FSDP, ZeRO-2, ZeRO-3)."""
+        return self.strategy in ("fsdp", "deepspeed")
+
+    @property
+    def label(self) -> str:
+        s = self.strategy
+        if s == "fsdp":
+            s = "fsdp" if self.zero_stage == 3 else "fsdp(zero2)"
+        elif s == "deepspeed":
+            s = f"zero{self.zero_stage}"
+        off = []
+        if self.offload_optimizer:
+            off.append("opt")
+        if self.offload_param:
+            off.append("param")
+        off_s = f" offload={'+'.join(off)}" if off else ""
+        return (f"{self.method} {s}x{self.world_size}{off_s} ckpt={'on' if self.grad_ckpt else 'off'} "
+                f"micro={self.micro_batch} accum={self.grad_accum} seq={self.seq_len}")
+
+    def invalid_reason(self) -> str | None:
+        """Why this combination cannot run at all (None if it can)."""
+        if self.world_size < 1 or self.micro_batch < 1 or self.grad_accum < 1 or self.seq_len < 1:
+            return "sizes must be >= 1"
+        if self.strategy == "none" and self.world_size > 1:
+            return "strategy none runs one process; use ddp, fsdp or deepspeed for several GPUs"
+        if (self.offload_optimizer or self.offload_param) and self.strategy in ("none", "ddp"):
+            return "CPU offload needs strategy fsdp or deepspeed"
+        if self.offload_param and self.strategy == "deepspeed" and self.zero_stage != 3:
+            return "offload_param needs ZeRO stage 3"
+        if self.strategy == "fsdp" and self.offload_optimizer != self.offload_param:
+            return "fsdp offloads parameters, gradients and optimizer states together (CPUOffloadPolicy); set both " \
+                   "offload_optimizer and offload_param, or use deepspeed for optimizer-only offload"
+        if self.offload_param and self.strategy == "fsdp" and self.zero_stage != 3:
+            return "fsdp offload_param needs reshard_after_forward (zero_stage 3)"
+        if self.method == "int8" and self.shards_params:
+            return "int8 (LLM.int8) weights cannot be sharded by fsdp/ZeRO-3; use qlora, or ddp/zero2"
+        if self.optimizer != "adamw" and (self.offload_optimizer or (self.strategy == "fsdp" and self.offload_param)):
+            return "8-bit optimizers cannot run on offloaded (CPU) states; use train.optimizer=adamw"
+        return None
+
+    def replace(self, **kw) -> "TrainSetup":
+        return dataclasses.replace(self, **kw)
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        if isinstance(d["lora_targets"], tuple):
+            d["lora_targets"] = list(d["lora_targets"])
+        d["modules_to_save"] = list(d["modules_to_save"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainSetup":
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if isinstance(kw.get("lora_targets"), list):
+            kw["lora_targets"] = tuple(kw["lora_targets"])
+        if isinstance(kw.get("modules_to_save"), list):
+            kw["modules_to_save"] = tuple(kw["modules_to_save"])
+        return cls(**kw)
+
+
+def resolve_precision(want: str, gpu_bf16: bool, gpu_name: str = "this GPU") -> str:
+    """The run's compute dtype on a GPU: auto = bf16 where the GPU has it, else fp16."""
+    if want == "auto":
+        return "bf16" if gpu_bf16 else "fp16"
+    if want == "bf16" and not gpu_bf16:
+        raise ConfigError(f"train.precision=bf16 but {gpu_name} has no bfloat16; use train.precision=fp16")
+    return want
+
+
+def resolve_strategy(strategy: str, world_size: int) -> str:
+    if strategy == "auto":
+        return "none" if world_size == 1 else "fsdp"
+    return strategy
+
+
+def setup_from_config(cfg, hw) -> TrainSetup:
+    """The TrainSetup a RunConfig describes on hardware `hw` (world size = all GPUs of hw)."""
+    t, p, lora = cfg.train, cfg.parallel, cfg.lora
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
+    world = hw.world_size
+    strategy = resolve_strategy(p.strategy, world)
+    if strategy == "none" and world > 1:
+        raise ConfigError(f"parallel.strategy=none but the plan is for {world} GPUs; use ddp, fsdp or deepspeed "
+                          "(or plan for 1 GPU)")
+    return TrainSetup(
+        method=t.method, strategy=strategy, zero_stage=int(p.zero_stage), offload_optimizer=bool(p.offload_optimizer),
+        offload_param=bool(p.offload_param), world_size=world, gpus_per_node=hw.gpus_per_node,
+        micro_batch=t.micro_batch_size, seq_len=cfg.data.max_seq_len, grad_accum=t.grad_accum,
+        grad_ckpt=bool(t.gradient_checkpointing),
+        precision=resolve_precision(t.precision, hw.gpu.bf16, hw.gpu.name),
+        lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
+        modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,
+        double_quant=bool(cfg.quant.double_quant), optimizer=t.optimizer)
+
+
+def apply_setup(cfg, setup: TrainSetup):
+    """A copy of `cfg` changed to run `setup` (what auto hands the trainer)."""
+    import copy
+    new = copy.deepcopy(cfg)
+    new.train.method = setup.method
+    new.train.micro_batch_size = setup.micro_batch
+    new.train.grad_accum = setup.grad_accum
+    new.train.gradient_checkpointing = setup.grad_ckpt
+    new.parallel.strategy = setup.strategy
+    new.parallel.zero_stage = setup.zero_stage
+    new.parallel.offload_optimizer = setup.offload_optimizer
+    new.parallel.offload_param = setup.offload_param
+    new.data.max_seq_len = setup.seq_len
+    return new
