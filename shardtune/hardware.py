@@ -28,14 +28,19 @@ class GPUSpec:
     link: str                       # "NVLink" | "PCIe"
     pcie_gbs: float = 20.0          # host<->device bandwidth seen by offload (pinned memory), GB/s
     aliases: tuple[str, ...] = ()
+    mfu_ceiling_tflops: float | None = None   # measured dense bf16 matmul ceiling, when known (MFU denominator)
+
+    @property
+    def mfu_peak_tflops(self) -> float:
+        return self.mfu_ceiling_tflops or self.peak_tflops
 
     @property
     def memory_gib(self) -> float:
         return self.memory_bytes / GiB
 
 
-def _g(name, mib, bf16, tflops, bw, link_gbs, link, pcie=20.0, aliases=()):
-    return GPUSpec(name, mib * MiB, bf16, tflops, bw, link_gbs, link, pcie, tuple(aliases))
+def _g(name, mib, bf16, tflops, bw, link_gbs, link, pcie=20.0, aliases=(), ceiling=None):
+    return GPUSpec(name, mib * MiB, bf16, tflops, bw, link_gbs, link, pcie, tuple(aliases), ceiling)
 
 
 # Memory in MiB as nvidia-smi / torch.cuda.get_device_properties report it for each board.
@@ -45,9 +50,10 @@ GPU_CATALOGUE: dict[str, GPUSpec] = {g.name: g for g in [
     _g("T4-16GB", 15360, False, 65, 320, 12, "PCIe", 12, ["T4", "Tesla T4"]),
     _g("A100-40GB", 40960, True, 312, 1555, 300, "NVLink", 25, ["A100", "A100-SXM4-40GB", "A100-PCIE-40GB"]),
     _g("A100-80GB", 81920, True, 312, 2039, 300, "NVLink", 25, ["A100-SXM4-80GB", "A100 80GB PCIe"]),
-    _g("H100-80GB", 81559, True, 989, 3350, 450, "NVLink", 50, ["H100", "H100 80GB HBM3", "H100-SXM5-80GB"]),
+    _g("H100-80GB", 81559, True, 989, 3350, 450, "NVLink", 50, ["H100", "H100 80GB HBM3", "H100-SXM5-80GB"],
+       800),   # ceiling: bench/ measurement on this project's H100/H200 machines (docs/benchmarks.md)
     _g("H100-PCIe-80GB", 81559, True, 756, 2000, 50, "PCIe", 50, ["H100 PCIe"]),
-    _g("H200-141GB", 143771, True, 989, 4800, 450, "NVLink", 50, ["H200", "NVIDIA H200"]),
+    _g("H200-141GB", 143771, True, 989, 4800, 450, "NVLink", 50, ["H200", "NVIDIA H200"], 800),
     _g("RTX2080Ti-11GB", 11264, False, 54, 616, 12, "PCIe", 12, ["RTX2080Ti", "GeForce RTX 2080 Ti", "2080Ti"]),
     _g("RTX3090-24GB", 24576, True, 71, 936, 20, "PCIe", 20, ["RTX3090", "GeForce RTX 3090", "3090"]),
     _g("RTX4090-24GB", 24564, True, 165, 1008, 20, "PCIe", 20, ["RTX4090", "GeForce RTX 4090", "4090"]),

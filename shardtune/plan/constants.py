@@ -22,33 +22,51 @@ class PlanConstants:
     # ---------------------------------------------------------------- memory (bytes, fractions)
     cuda_context_bytes: int = 500 * MiB        # CUDA context + cuBLAS/cuDNN handles: outside torch's allocator
     nccl_bytes: int = 300 * MiB                # NCCL communicator buffers per process when world > 1
-    alloc_frag_frac: float = 0.06              # reserved = allocated peak * (1 + this) + alloc_frag_min_bytes
-    alloc_frag_min_bytes: int = 64 * MiB
+    # reserved - allocated: the caching allocator's slack grows with the size of the per-layer tensors it recycles
+    alloc_frag_frac: float = 0.0               # ... as a fraction of the allocated peak
+    alloc_frag_layer_frac: float = 0.45        # ... as a fraction of one layer's saved activations (micro batch)
+    alloc_frag_min_bytes: int = 48 * MiB
     loss_bytes_per_logit: float = 12.0         # fp32 log-softmax out + its grad + grad-in at the CE backward peak
+    flce_hidden_copies: float = 4.0            # Liger fused linear CE: hidden copy + its grad + ~2 of logit chunk
     bwd_transient_mlp: float = 1.0             # net live gradient tensors of width `intermediate` in a layer backward
     bwd_transient_hidden: float = 1.5          # ... and of width `hidden` (residual grad, norm grads)
     dropout_mask_bytes: float | None = 1.0     # CUDA's fused dropout keeps a bool mask; None = compute dtype (CPU)
-    quant_state_sharded: bool = False          # fsdp/zero3: 4-bit absmax constants sharded too (else replicated)
+    quant_state_sharded: bool = True           # fsdp/zero3: 4-bit constants sharded too (ShardedLinear4bit)
     fsdp_prefetch_layers: int = 2              # unsharded decoder layers in flight (current + prefetched)
     ds_reduce_bucket_elems: int | None = None  # ZeRO reduce bucket; None = hidden^2 (the HF 'auto' value)
     ds_prefetch_bucket_elems: int | None = None  # ZeRO-3 prefetch bucket; None = 0.9 * hidden^2 ('auto')
     cpu_base_per_rank_bytes: int = 3 * GiB     # RSS of a rank with torch + CUDA + transformers imported
     # ---------------------------------------------------------------- speed (fractions of peak, seconds)
-    matmul_eff: float = 0.62                   # achieved / peak for the large bf16 GEMMs of a decoder layer
+    # matmul_eff, host_lora_s, host_quant_linear_s, host_backward_factor and host_gpu_serial were fitted
+    # (`python -m shardtune.plan.calibrate --fit ...`) to the 14 one-H100 shardtune rows of bench/results
+    # (commit 4bf0945: 1B/3B/8B, lora/qlora, checkpointing on/off, micro batch 1-8, seq 512-4096); worst 14%.
+    matmul_eff: float = 0.78                   # achieved / peak for the large bf16 GEMMs of a decoder layer
     attn_eff: float = 0.45                     # flash/efficient SDPA, forward + backward
     mem_eff: float = 0.70                      # achieved / peak device bandwidth for memory-bound kernels
     elementwise_traffic: float = 4.0           # bytes moved per byte of saved activation (norms, rope, act, adds)
+    elementwise_traffic_liger: float = 2.0     # ... with Liger's fused RMSNorm/RoPE/SwiGLU
+    lora_traffic: float = 4.0                  # bytes moved per LoRA input/output element (dropout, casts, add)
     loss_traffic_bytes_per_logit: float = 20.0  # lm_head output + fp32 upcast + log-softmax + its backward
+    flce_traffic_bytes_per_logit: float = 6.0  # Liger fused linear cross-entropy (logit chunks stay in cache-ish)
     dequant_bytes_per_param: float = 4.5       # 4-bit read (0.5) + bf16 write (2) + re-read by the GEMM (2)
     int8_matmul_slowdown: float = 2.0          # LLM.int8 matmul with outlier decomposition vs a bf16 GEMM
-    launch_s: float = 6e-6                     # per CUDA kernel launch (host-bound small kernels)
-    kernels_per_layer: int = 60                # fwd + bwd kernels of a decoder layer without LoRA
-    kernels_per_lora_linear: int = 14          # fwd + bwd kernels a LoRA wrapper adds (dropout, A, B, scale, add)
+    # host (Python + dispatcher + launch) time to issue one micro batch, per decoder layer and forward-like pass
+    host_linear_s: float = 40e-6               # a base linear (module call + GEMM launch)
+    host_quant_linear_s: float = 270e-6        # extra for a bitsandbytes 4-bit / 8-bit linear (quant state, dequant)
+    host_lora_s: float = 540e-6                # a peft LoRA wrapper (dropout, casts, A, B, scale, add)
+    host_layer_s: float = 400e-6               # norms, RoPE, attention, activation, residuals (transformers modules)
+    host_layer_liger_s: float = 150e-6         # ... with Liger's fused kernels
+    host_backward_factor: float = 0.94         # backward issue cost relative to one forward pass (autograd is C++)
+    host_ckpt_extra: float = 0.3               # checkpoint hooks on top of the recomputed forward
+    host_micro_s: float = 5e-3                 # per micro batch: batch to device, loss, bookkeeping
+    host_gpu_serial: float = 0.0               # fraction of the shorter of host/GPU time that does not overlap
     comm_eff: float = 0.75                     # achieved / nominal link bandwidth for NCCL collectives
     comm_overlap: float = 0.8                  # fraction of compute time that can hide communication
     pcie_eff: float = 0.8                      # achieved / nominal host<->device bandwidth (pinned)
-    cpu_adam_params_per_s: float = 1.0e9       # DeepSpeed CPUAdam throughput per rank
+    cpu_adam_params_per_s: float = 3.0e8       # torch AdamW on offloaded (CPU) states, per rank
     optimizer_bytes_per_param: float = 32.0    # fused AdamW: read p, g, m, v and write p, m, v (fp32)
+    optimizer_fixed_s: float = 3e-3            # grad clipping, the optimizer's launches, zero_grad
+    step_fixed_s: float = 5e-3                 # per optimizer step: LR schedule, loss bookkeeping
 
     def replace(self, **kw) -> "PlanConstants":
         return dataclasses.replace(self, **kw)

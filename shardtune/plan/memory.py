@@ -20,6 +20,7 @@ NESTED_BLOCK = 256        # double quantization: absmax values per second-level 
 NF4_CODE_BYTES = 16 * 4   # the 16-entry fp32 code table each 4-bit QuantState carries
 NESTED_CODE_BYTES = 256 * 4  # the 256-entry fp32 dynamic map of the nested (8-bit) absmax
 NESTED_OFFSET_BYTES = 4   # fp32 mean subtracted before the nested quantization
+FUSED_CHUNK_TOKENS = 2048  # shardtune.train.loss.fused_loss_sum chunk without Liger
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -130,12 +131,15 @@ def activation_breakdown_per_token(shape: ModelShape, setup: TrainSetup,
     e, h, I = setup.elem, shape.hidden, shape.intermediate
     qd, kvd = shape.q_dim, shape.kv_dim
     out: dict[str, float] = {}
-    # RMSNorm upcasts its input to fp32 and keeps it for pow/mul backward (4 B whatever the compute dtype).
-    out["norm inputs (fp32)"] = shape.block_norms * 4 * h
+    liger = setup.kernels == "liger"
+    # transformers' RMSNorm upcasts its input to fp32 and keeps that copy for backward (4 B whatever the compute
+    # dtype); Liger's keeps the input as is plus one fp32 rstd per row.
+    out["norm inputs"] = shape.block_norms * norm_saved_per_token(shape, setup)
     # SDPA keeps q (after RoPE), k, v, the output and the fp32 log-sum-exp per head.
     out["attention q,k,v,out"] = e * (2 * qd + 2 * kvd) + 4 * shape.heads
-    # gated MLP: act(gate) keeps gate's output; gate*up keeps act's output and up's output.
-    out["mlp intermediates"] = (3 if shape.gated_mlp else 1) * e * I
+    # gated MLP: act(gate) keeps gate's output; gate*up keeps act's output and up's output. Liger's SwiGLU keeps
+    # only gate's and up's outputs (recomputes the activation in backward).
+    out["mlp intermediates"] = ((2 if liger else 3) if shape.gated_mlp else 1) * e * I
     if setup.method == "full":
         # Every linear keeps its input for the weight gradient. Under autocast each linear casts its fp32 input
         # itself (q, k, v: three copies), norms keep their fp32 output too (their weight is trained).
@@ -164,6 +168,12 @@ def activation_breakdown_per_token(shape: ModelShape, setup: TrainSetup,
     return out
 
 
+def norm_saved_per_token(shape: ModelShape, setup: TrainSetup) -> float:
+    if setup.kernels == "liger":
+        return setup.elem * shape.hidden + 4
+    return 4 * shape.hidden
+
+
 def activation_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup,
                                      c: PlanConstants = DEFAULT_CONSTANTS) -> float:
     return sum(activation_breakdown_per_token(shape, setup, c).values())
@@ -181,7 +191,7 @@ def first_layer_discount_per_token(shape: ModelShape, setup: TrainSetup, c: Plan
     if setup.lora_dropout > 0:
         masks = sum(mask * lin.in_features for lin in shape.targeted_linears(setup.lora_targets)
                     if lin.input_group == "attn_in")
-    return 4 * shape.hidden + masks
+    return norm_saved_per_token(shape, setup) + masks
 
 
 def residual_elem(setup: TrainSetup) -> int:
@@ -197,7 +207,7 @@ def checkpoint_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> in
 def shared_activation_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> int:
     """Kept once for all layers: RoPE cos/sin, the final norm's fp32 input, input ids / labels / mask (int64)."""
     rope = 2 * setup.elem * shape.head_dim
-    final_norm = 4 * shape.hidden
+    final_norm = norm_saved_per_token(shape, setup)
     batch = 3 * 8
     head_input = setup.elem * shape.hidden if setup.method == "full" or _lm_head_trained(setup) else 0
     return rope + final_norm + batch + head_input
@@ -208,15 +218,29 @@ def _lm_head_trained(setup: TrainSetup) -> bool:
 
 
 def loss_peak_bytes(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
-    """The logits spike: at the cross-entropy backward the fp32 log-softmax output, its incoming gradient and the
-    gradient it produces coexist (loss_bytes_per_logit = 12 B per logit)."""
-    return c.loss_bytes_per_logit * setup.tokens * shape.vocab
+    """The loss spike at the start of backward.
+
+    Full logits: the fp32 log-softmax output, its incoming gradient and the gradient it produces coexist
+    (loss_bytes_per_logit = 12 B per logit of [tokens x vocab]). Fused loss with Liger: the labelled hidden states,
+    the gradient Liger computes for them during the forward and one vocabulary chunk of ~tokens*hidden logits.
+    Fused loss without Liger: the same spike as full logits, but for one checkpointed chunk of 2048 tokens."""
+    T = setup.tokens
+    if setup.fused_loss == "liger":
+        return c.flce_hidden_copies * setup.elem * shape.hidden * T
+    if setup.fused_loss == "chunked":
+        return c.loss_bytes_per_logit * min(T, FUSED_CHUNK_TOKENS) * shape.vocab + setup.elem * shape.hidden * T
+    return c.loss_bytes_per_logit * T * shape.vocab
 
 
-def loss_forward_bytes(shape: ModelShape, setup: TrainSetup) -> float:
-    """End of the forward: bf16 logits + their fp32 copy + the fp32 log-softmax output."""
+def loss_forward_bytes(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
+    """End of the forward: bf16 logits + their fp32 copy + the fp32 log-softmax output (or the fused equivalents)."""
+    T = setup.tokens
     upcast = 4 if setup.elem != 4 else 0
-    return (setup.elem + upcast + 4) * setup.tokens * shape.vocab
+    if setup.fused_loss == "liger":
+        return c.flce_hidden_copies * setup.elem * shape.hidden * T
+    if setup.fused_loss == "chunked":
+        return (setup.elem + upcast + 4) * min(T, FUSED_CHUNK_TOKENS) * shape.vocab + setup.elem * shape.hidden * T
+    return (setup.elem + upcast + 4) * T * shape.vocab
 
 
 def backward_transient_bytes(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
@@ -287,74 +311,78 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     w = weight_bytes(shape, setup)
     notes: list[str] = []
 
-    # ---- base weights resident on each GPU, and what is gathered unsharded while computing
-    consts_res = w.quant_consts if (not c.quant_state_sharded or not setup.shards_params) else w.quant_consts / N
-    shardable = w.total - w.quant_consts
+    # ---- base weights resident on each GPU, and what is gathered unsharded while computing.
+    # FSDP2 and ZeRO-3 shard every parameter, the 4-bit data and its quantization constants included (shardtune
+    # turns each Linear4bit into a ShardedLinear4bit whose constants are parameters). FSDP gathers in the compute
+    # dtype (mixed-precision policy), so full fine-tuning's fp32 shards gather at half the bytes.
+    offload_params = setup.offload_param or (setup.strategy == "fsdp" and setup.offload_optimizer)
+    consts_sharded = setup.shards_params and c.quant_state_sharded
+    gather_scale = setup.elem / 4 if (setup.method == "full" and setup.strategy == "fsdp") else 1.0
+    head = (shape.vocab * shape.hidden + shape.final_norm_params) * base_param_elem(setup) * gather_scale
     gathered = 0.0
     if setup.shards_params:
-        resident = 0.0 if setup.offload_param else shardable / N
-        layer_gather = w.per_layer - w.quant_consts / L
-        if setup.method == "full" and setup.strategy == "fsdp":
-            layer_gather = layer_gather * setup.elem / 4     # gathered in the compute dtype (mixed precision)
-        root_gather = w.root * (setup.elem / 4 if setup.method == "full" and setup.strategy == "fsdp" else 1)
-        if setup.gathers_all_params:
-            gathered = L * layer_gather + root_gather
-        else:
-            gathered = min(c.fsdp_prefetch_layers, L) * layer_gather + root_gather
+        layer_gather = (w.per_layer if consts_sharded else w.per_layer - w.quant_consts / L) * gather_scale
+        if setup.gathers_all_params:      # reshard_after_forward=False: every unit stays gathered until backward
+            gathered = L * layer_gather + w.root * gather_scale
+        else:                             # the layer in use + the prefetched one, and the output projection
+            gathered = min(c.fsdp_prefetch_layers, L) * layer_gather + head
+        share = 0.0 if offload_params else 1.0 / N
     else:
-        resident = shardable
+        share = 1.0
+    consts_res = w.quant_consts * (share if consts_sharded else 1.0)
+    data_res = w.quant_data * share
+    dense_res = w.non_quantized * share
     gpu: dict[str, float] = {}
-    data_res = 0.0 if setup.offload_param else (w.quant_data / N if setup.shards_params else w.quant_data)
     if setup.method == "qlora":
         gpu["weights: 4-bit data"] = data_res
         gpu["weights: quant constants"] = consts_res
-        gpu["weights: non-quantized"] = resident - data_res
+        gpu["weights: non-quantized"] = dense_res
     elif setup.method == "int8":
         gpu["weights: int8 data + scales"] = data_res + consts_res
-        gpu["weights: non-quantized"] = resident - data_res
+        gpu["weights: non-quantized"] = dense_res
     elif setup.method == "full":
-        gpu["weights (trainable)"] = resident
+        gpu["weights (trainable)"] = dense_res
     else:
-        gpu["weights: base (frozen)"] = resident
+        gpu["weights: base (frozen)"] = dense_res
 
     # ---- trainable parameters, gradients, optimizer states
     P = trainable_params(shape, setup)
     obpp = optimizer_bytes_per_param(setup.optimizer)
     div = N if setup.shards_states else 1
     cpu_off: dict[str, float] = {}
-    grads = states = master = 0.0
-    bucket = 0.0
+    master = bucket = 0.0
     if setup.method != "full":
-        if setup.strategy == "deepspeed":
-            gpu["LoRA weights"] = e * P / (N if setup.zero_stage == 3 else 1)
+        if setup.strategy == "deepspeed":         # DeepSpeed casts the module (LoRA included) to the compute dtype
+            gpu["LoRA weights"] = e * P * (1 / N if setup.zero_stage == 3 else 1)
         else:
-            gpu["LoRA weights (fp32)"] = 4 * P / (N if setup.shards_params else 1)
+            gpu["LoRA weights (fp32)"] = 4 * P * share
     grads = 4 * P / div
     states = obpp * P / div
     if setup.strategy == "deepspeed":
-        master = 4 * P / N
-        red = c.ds_reduce_bucket_elems or shape.hidden ** 2
-        bucket = e * min(red, P)
+        master = 4 * P / N                        # ZeRO's fp32 master partition of the trainable parameters
+        bucket = e * min(c.ds_reduce_bucket_elems or shape.hidden ** 2, P)
     elif setup.strategy == "ddp":
-        bucket = 4 * P                                       # DDP's reducer buckets hold a copy of every grad
+        bucket = 4 * P                            # DDP's reducer buckets hold a copy of every gradient
     elif setup.strategy == "fsdp":
         layer_trainable = P / L if setup.method != "full" else shape.params_per_layer
-        bucket = 2 * 4 * layer_trainable                    # unsharded grads of a layer before reduce-scatter
+        bucket = 2 * 4 * layer_trainable          # a layer's unsharded fp32 grads before/while reduce-scattering
     offload_states = setup.offload_optimizer or (setup.strategy == "fsdp" and setup.offload_param)
     if offload_states:
         cpu_off["optimizer states (offloaded)"] = states * setup.gpus_per_node
-        cpu_off["fp32 grads/masters (offloaded)"] = (grads + master) * setup.gpus_per_node
-        states_gpu, grads_gpu, master_gpu = 0.0, 0.0, 0.0
+        cpu_off["fp32 grads + masters (offloaded)"] = (grads + master) * setup.gpus_per_node
+        states_gpu = grads_gpu = master_gpu = 0.0
     else:
         states_gpu, grads_gpu, master_gpu = states, grads, master
-    if setup.offload_param:
-        cpu_off["weights (offloaded shards)"] = (shardable / N) * setup.gpus_per_node
+    if offload_params:
+        cpu_off["weights (offloaded shards)"] = (w.total / N) * setup.gpus_per_node
     if master_gpu:
         gpu["fp32 master (ZeRO)"] = master_gpu
     grads_key = "gradients (fp32)"
     gpu["optimizer states"] = states_gpu
     if bucket:
         gpu["comm: grad buckets"] = bucket
+    # without a gradient sync between micro steps FSDP2 keeps the unsharded gradients (LoRA: small)
+    grads_accum = 4 * P if (setup.strategy == "fsdp" and setup.grad_accum > 1) else grads_gpu
 
     static = sum(gpu.values())
 
@@ -370,7 +398,7 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     else:
         saved_fwd = saved_bwd = saved_all
     loss = loss_peak_bytes(shape, setup, c)
-    loss_fwd = loss_forward_bytes(shape, setup)
+    loss_fwd = loss_forward_bytes(shape, setup, c)
     transient = backward_transient_bytes(shape, setup, c)
     # autocast caches the compute-dtype copy of every trainable leaf weight for the whole forward
     lora_casts = 2 * lora_params(shape, setup) if setup.autocast and setup.method != "full" else 0
@@ -378,7 +406,7 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     head_cast = e * shape.vocab * shape.hidden if full_casts else 0
     layer_cast = e * shape.linear_weight_params_per_layer if full_casts else 0
     grads_layer = grads_gpu / L if setup.method == "full" else grads_gpu
-    grads_prev = grads_gpu if setup.grad_accum > 1 else 0.0   # earlier micro steps' grads already exist
+    grads_prev = grads_accum if setup.grad_accum > 1 else 0.0   # earlier micro steps' grads already exist
     comm_gather = gathered
 
     phases = {
@@ -424,7 +452,8 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     if peak_phase != "optimizer step" and comm_gather:
         gpu["comm: gathered params (fsdp/zero3)"] = comm_gather
 
-    reserved = peak_alloc * (1 + c.alloc_frag_frac) + c.alloc_frag_min_bytes
+    reserved = (peak_alloc * (1 + c.alloc_frag_frac) + c.alloc_frag_layer_frac * act_layer * tokens
+                + c.alloc_frag_min_bytes)
     gpu["allocator overhead (reserved - allocated)"] = reserved - peak_alloc
     fixed = c.cuda_context_bytes + (c.nccl_bytes if N > 1 else 0)
     gpu["CUDA context + NCCL"] = fixed
@@ -440,9 +469,9 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     cpu_total = sum(cpu.values())
     ckpt_elem = _elem_of_dtype(shape.checkpoint_dtype)
     largest = max(shape.vocab * shape.hidden, max(lin.weight_numel for lin in shape.linears))
-    per_rank_weights = (w.total / N) if setup.shards_params else w.total
+    per_rank_weights = w.total * share
     load_cpu = c.cpu_base_per_rank_bytes + largest * ckpt_elem + per_rank_weights
-    load_gpu = (0 if setup.offload_param else per_rank_weights) + largest * max(e, base_param_elem(setup)) + fixed
+    load_gpu = per_rank_weights + largest * max(e, base_param_elem(setup)) + fixed
     cpu_budget = getattr(hw, "cpu_ram_bytes", None)
     if setup.offload_optimizer or setup.offload_param:
         notes.append("offloaded tensors live in pinned CPU memory (page-locked; cannot swap)")

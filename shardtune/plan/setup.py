@@ -37,6 +37,8 @@ class TrainSetup:
     quant_type: str = "nf4"
     double_quant: bool = True
     optimizer: str = "adamw"            # adamw | adamw_8bit | paged_adamw_8bit
+    kernels: str = "none"               # liger (fused RMSNorm/RoPE/SwiGLU) | none (transformers' modules)
+    fused_loss: str = "none"            # none (full logits) | liger (fused linear CE) | chunked (2048-token chunks)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -45,6 +47,10 @@ class TrainSetup:
             raise ConfigError(f"parallel.strategy={self.strategy!r}; allowed: {' | '.join(STRATEGIES)}")
         if self.precision not in ELEMENT_BYTES:
             raise ConfigError(f"train.precision={self.precision!r}; allowed: bf16 | fp16 | fp32")
+        if self.fused_loss not in ("none", "liger", "chunked"):
+            raise ConfigError(f"fused loss {self.fused_loss!r}; the plan needs none | liger | chunked")
+        if self.kernels not in ("liger", "none"):
+            raise ConfigError(f"train.kernels={self.kernels!r}; the plan needs liger | none")
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage!r}; allowed: 2 | 3")
 
@@ -111,14 +117,10 @@ class TrainSetup:
             return "CPU offload needs strategy fsdp or deepspeed"
         if self.offload_param and self.strategy == "deepspeed" and self.zero_stage != 3:
             return "offload_param needs ZeRO stage 3"
-        if self.strategy == "fsdp" and self.offload_optimizer != self.offload_param:
-            return "fsdp offloads parameters, gradients and optimizer states together (CPUOffloadPolicy); set both " \
-                   "offload_optimizer and offload_param, or use deepspeed for optimizer-only offload"
-        if self.offload_param and self.strategy == "fsdp" and self.zero_stage != 3:
-            return "fsdp offload_param needs reshard_after_forward (zero_stage 3)"
         if self.method == "int8" and self.shards_params:
             return "int8 (LLM.int8) weights cannot be sharded by fsdp/ZeRO-3; use qlora, or ddp/zero2"
-        if self.optimizer != "adamw" and (self.offload_optimizer or (self.strategy == "fsdp" and self.offload_param)):
+        if self.optimizer != "adamw" and (self.offload_optimizer or self.offload_param) and (
+                self.offload_optimizer or self.strategy == "fsdp"):
             return "8-bit optimizers cannot run on offloaded (CPU) states; use train.optimizer=adamw"
         return None
 
@@ -158,8 +160,36 @@ def resolve_strategy(strategy: str, world_size: int) -> str:
     return strategy
 
 
-def setup_from_config(cfg, hw) -> TrainSetup:
-    """The TrainSetup a RunConfig describes on hardware `hw` (world size = all GPUs of hw)."""
+# model types whose head the trainer can fuse with the loss (shardtune.train.loss.PLAIN_HEAD_TYPES)
+FUSABLE_HEADS = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "phi3", "olmo2", "granite"}
+
+
+def liger_installed() -> bool:
+    import importlib.util
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def resolve_kernels(mode: str) -> str:
+    """What train.kernels gives on a CUDA machine: auto = Liger when liger-kernel is installed here."""
+    if mode == "none":
+        return "none"
+    if mode == "liger":
+        return "liger"
+    return "liger" if liger_installed() else "none"
+
+
+def resolve_fused_loss(fused_loss: bool, strategy: str, model_type: str | None, liger: bool | None = None) -> str:
+    """The trainer fuses the loss only on the one-process engine and for plain-projection heads; on CUDA it uses
+    Liger's fused linear cross-entropy whenever liger-kernel is installed (whatever train.kernels says)."""
+    if not fused_loss or strategy != "none" or (model_type is not None and model_type not in FUSABLE_HEADS):
+        return "none"
+    return "liger" if (liger_installed() if liger is None else liger) else "chunked"
+
+
+def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | None = None,
+                      fused_loss: str | None = None) -> TrainSetup:
+    """The TrainSetup a RunConfig describes on hardware `hw` (world size = all GPUs of hw). `kernels` and
+    `fused_loss` override the auto resolution (the trainer knows what it actually runs)."""
     t, p, lora = cfg.train, cfg.parallel, cfg.lora
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     world = hw.world_size
@@ -175,7 +205,9 @@ def setup_from_config(cfg, hw) -> TrainSetup:
         precision=resolve_precision(t.precision, hw.gpu.bf16, hw.gpu.name),
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,
-        double_quant=bool(cfg.quant.double_quant), optimizer=t.optimizer)
+        double_quant=bool(cfg.quant.double_quant), optimizer=t.optimizer,
+        kernels=kernels or resolve_kernels(getattr(t, "kernels", "none")),
+        fused_loss=fused_loss or resolve_fused_loss(getattr(t, "fused_loss", False), strategy, model_type))
 
 
 def apply_setup(cfg, setup: TrainSetup):
