@@ -31,8 +31,10 @@ from torch import nn
 from shardtune.errors import ModelError
 from shardtune.model.quantize import Chunked4bit, ChunkedInt8, QuantSpec, packed_4bit_shape, quant_spec, rows_per_chunk
 
-# Reads are this big (checkpoint bytes); the host-side transient of a load is a small multiple of it.
-DEFAULT_CHUNK_BYTES = 64 << 20
+# Reads are this big (checkpoint bytes); the host-side transient of a load is a small multiple of it. On the CPU,
+# bitsandbytes' quantization kernels allocate ~2.6x their input in temporaries, so chunks are smaller there.
+DEFAULT_CHUNK_BYTES = 32 << 20
+CPU_CHUNK_BYTES = 8 << 20
 
 SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -134,6 +136,51 @@ def iter_checkpoint(model_dir: Path) -> Iterator[tuple[str, torch.Tensor]]:
     before the next). Keys are the checkpoint's own; see `CheckpointNames` for the model's names."""
     for e in list_checkpoint(model_dir):
         yield e.key, e.read()
+
+
+class RandomEntry:
+    """A stand-in checkpoint tensor with random values, generated on demand (per row chunk, on the load device): lets
+    benchmarks build a 70B-shaped model directly in 4-bit without a checkpoint on disk. Norm weights are ones,
+    biases zeros, everything else N(0, std); values are reproducible per (seed, key, rows)."""
+
+    def __init__(self, key: str, shape: tuple[int, ...], dtype: torch.dtype, seed: int = 0, std: float = 0.02):
+        self.key, self.shape, self.dtype, self.seed, self.std = key, tuple(shape), dtype, seed, std
+        self.nbytes = math.prod(self.shape) * torch.empty((), dtype=dtype).element_size()
+
+    def read(self, start: Optional[int] = None, stop: Optional[int] = None, device=None, dtype=None) -> torch.Tensor:
+        device = torch.device(device or "cpu")
+        start = 0 if start is None or not self.shape else start
+        stop = (self.shape[0] if self.shape else 0) if stop is None else stop
+        shape = ((stop - start,) + self.shape[1:]) if self.shape else ()
+        leaf = self.key.rsplit(".", 2)
+        if len(self.shape) == 1 and "norm" in self.key:
+            out = torch.ones(shape, device=device)
+        elif leaf[-1] == "bias":
+            out = torch.zeros(shape, device=device)
+        else:
+            g = torch.Generator(device=device)
+            g.manual_seed((self.seed * 1_000_003 + sum(map(ord, self.key)) * 7919 + start) % (2**63))
+            out = torch.randn(shape, generator=g, device=device).mul_(self.std)
+        return out.to(dtype or self.dtype)
+
+
+def random_entries(model: nn.Module, dtype: torch.dtype, seed: int = 0, std: float = 0.02) -> list[RandomEntry]:
+    """RandomEntry for every weight a checkpoint of `model` (a fresh skeleton, before LoRA) would hold: persistent
+    state-dict names, tied weights once, quantized linears in their unquantized [out, in] shape."""
+    import bitsandbytes as bnb
+    seen: set[int] = set()
+    out = []
+    for mname, module in model.named_modules():
+        for a, t in list(module._parameters.items()) + [(b, module._buffers[b]) for b in module._buffers
+                                                         if b not in module._non_persistent_buffers_set]:
+            if t is None or id(t) in seen:
+                continue
+            seen.add(id(t))
+            shape = tuple(t.shape)
+            if a == "weight" and isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
+                shape = (module.out_features, module.in_features)
+            out.append(RandomEntry(f"{mname}.{a}" if mname else a, shape, dtype, seed, std))
+    return out
 
 
 # ------------------------------------------------------------------------------------------------ skeleton
@@ -572,7 +619,7 @@ class _MemoryMonitor:
 
 # ------------------------------------------------------------------------------------------------ materialize
 
-def _convert(entry: CheckpointEntry, tgt: Target, spec: QuantSpec, device: torch.device, dtype: torch.dtype,
+def _convert(entry, tgt: Target, spec: QuantSpec, device: torch.device, dtype: torch.dtype,
              chunk_bytes: int, monitor: _MemoryMonitor):
     """Read `entry` chunk by chunk into its final form on `device`: (value, quant_state-or-None)."""
     cur = tgt.current
@@ -641,6 +688,12 @@ def _nbytes(t) -> int:
     return total
 
 
+def _is_blob_layer(module: nn.Module) -> bool:
+    """shardtune.parallel.quant4.ShardedLinear4bit: packed weight and its constants ('quant_blob') are both plain,
+    shardable parameters, and the layer keeps no QuantState of its own."""
+    return hasattr(module, "layout") and "quant_blob" in module._parameters
+
+
 def _install(tgt: Target, kept: torch.Tensor, qs, spec: QuantSpec) -> None:
     """Put `kept` (full tensor or this rank's shard) into every module that holds the target."""
     import bitsandbytes as bnb
@@ -650,7 +703,9 @@ def _install(tgt: Target, kept: torch.Tensor, qs, spec: QuantSpec) -> None:
         for m, a in tgt.holders:
             m._buffers[a] = kept
         return
-    if tgt.kind == "4bit":
+    if tgt.kind == "4bit" and _is_blob_layer(tgt.module):
+        new = nn.Parameter(kept, requires_grad=False)
+    elif tgt.kind == "4bit":
         tgt.module.quant_state = qs  # Linear4bit.forward recovers it from here once FSDP has replaced the Params4bit
         if isinstance(kept, DTensor):
             new = nn.Parameter(kept, requires_grad=False)
@@ -695,20 +750,24 @@ def _dist_rank_world() -> tuple[int, int]:
 
 @torch.no_grad()
 def materialize(model: nn.Module, model_dir: Path, cfg, device: torch.device, dtype: torch.dtype,
-                place: Optional[PlaceFn] = None, chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> LoadReport:
+                place: Optional[PlaceFn] = None, chunk_bytes: Optional[int] = None,
+                entries: Optional[list] = None) -> LoadReport:
     """Fill a meta skeleton (plain, LoRA-wrapped and/or FSDP-sharded) from the checkpoint, tensor by tensor.
 
     Each tensor is read in chunks of ~chunk_bytes, cast to the compute dtype (quantized layers) or the parameter's
     dtype, moved to `device`, quantized there for Linear4bit / Linear8bitLt weights, given to `place` (default: keep
-    it whole) and installed on every module that holds it; then it is freed before the next one."""
+    it whole) and installed on every module that holds it; then it is freed before the next one. `entries` replaces
+    the checkpoint as the source of tensors (random_entries for benchmarks)."""
     device = torch.device(device)
+    if chunk_bytes is None:
+        chunk_bytes = CPU_CHUNK_BYTES if device.type == "cpu" else DEFAULT_CHUNK_BYTES
     spec = quant_spec(cfg, dtype)
     names = CheckpointNames(model)
     rank, world = _dist_rank_world()
     report = LoadReport(rank=rank, world_size=world, device=str(device))
     t0 = time.perf_counter()
     with _MemoryMonitor(device) as mon:
-        for entry in list_checkpoint(model_dir):
+        for entry in (entries if entries is not None else list_checkpoint(model_dir)):
             targets = names.targets(entry.key)
             if not targets:
                 report.skipped_keys.append(entry.key)
@@ -724,7 +783,19 @@ def materialize(model: nn.Module, model_dir: Path, cfg, device: torch.device, dt
                     _install(tgt, kept, qs, spec)
                     report.kept_bytes += _nbytes(kept)
                 del v, kept
-            report.kept_bytes += _nbytes(qs)
+            if first.kind == "4bit" and _is_blob_layer(first.module):
+                # the engine's shardable layer keeps its constants as a parameter: place them like any other
+                m = first.module
+                blob_t = Target(f"{first.name.rpartition('.')[0]}.quant_blob", [(m, "quant_blob")], "plain")
+                names.filled.add(id(m._parameters["quant_blob"]))
+                blob = m.layout.pack(qs)
+                kept = place(blob_t.name, m, "quant_blob", blob, None) if place is not None else blob
+                if kept is not None:
+                    _install(blob_t, kept, None, spec)
+                    report.kept_bytes += _nbytes(kept)
+                del blob, kept
+            else:
+                report.kept_bytes += _nbytes(qs)
             del value, qs
             mon.sample()
         _init_buffers(names.base, device)
@@ -777,38 +848,23 @@ def fsdp_place(device: Optional[torch.device] = None) -> PlaceFn:
     return place
 
 
-def shard_with_fsdp2(model: nn.Module, mesh=None, reshard_after_forward: bool = True, mp_policy=None,
-                     offload_policy=None) -> nn.Module:
-    """Minimal FSDP2 wrapping (each decoder layer, then the root) used by tests and the load benchmark when no engine
-    is given; the fsdp engine's own sharding function replaces it in training."""
-    from torch.distributed.fsdp import fully_shard
-    kw = {"reshard_after_forward": reshard_after_forward}
-    if mesh is not None:
-        kw["mesh"] = mesh
-    if mp_policy is not None:
-        kw["mp_policy"] = mp_policy
-    if offload_policy is not None:
-        kw["offload_policy"] = offload_policy
-    base = _unwrap(model)
-    layers = getattr(getattr(base, getattr(base, "base_model_prefix", "model"), base), "layers", None)
-    for layer in layers or []:
-        fully_shard(layer, **kw)
-    fully_shard(model, **kw)
-    return model
-
-
 # ------------------------------------------------------------------------------------------------ one call
 
 def build_streamed_model(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype,
                          place: Optional[PlaceFn] = None, shard: Optional[Callable[[nn.Module], object]] = None,
-                         chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> nn.Module:
+                         chunk_bytes: Optional[int] = None, random_init: bool = False) -> nn.Module:
     """The model build_model returns (same types, names, dtypes, bit-exact 4-bit data, same LoRA init for the same
     seed), built without ever holding the whole checkpoint: skeleton -> LoRA on the skeleton -> `shard(model)` (a
     sharding engine's wrapper, optional) -> stream the weights in through `place`. The LoadReport is attached as
-    `model.load_report`."""
+    `model.load_report`. random_init=True needs only config.json: weights are random (RandomEntry), generated and
+    quantized chunk by chunk on `device` (benchmarks of shapes whose checkpoint would not fit on disk)."""
     from shardtune.model.load import enable_checkpointing
     device = torch.device(device)
     model = build_skeleton(cfg, model_dir, dtype)
+    entries = None
+    if random_init:
+        load_dtype = torch.float32 if cfg.train.method == "full" else dtype
+        entries = random_entries(model, load_dtype, seed=cfg.train.seed)
     if cfg.train.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -819,6 +875,6 @@ def build_streamed_model(cfg, model_dir: Path, device: torch.device, dtype: torc
     if shard is not None:
         wrapped = shard(model)
         model = wrapped if wrapped is not None else model
-    report = materialize(model, model_dir, cfg, device, dtype, place=place, chunk_bytes=chunk_bytes)
+    report = materialize(model, model_dir, cfg, device, dtype, place=place, chunk_bytes=chunk_bytes, entries=entries)
     model.load_report = report
     return model
