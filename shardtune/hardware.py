@@ -91,6 +91,13 @@ class Hardware:
         """Memory one process may use: the cap if one was given, else the board's memory."""
         return self.memory_cap_bytes or self.gpu.memory_bytes
 
+    def cpu_ram(self) -> tuple[int, bool]:
+        """(CPU RAM per node in bytes, assumed?). Unknown RAM is assumed to be twice the node's GPU memory, at
+        least 64 GiB: a common build rule, stated in the plan so the user can correct it with --cpu-ram."""
+        if self.cpu_ram_bytes:
+            return int(self.cpu_ram_bytes), False
+        return max(64 * GiB, 2 * self.gpus_per_node * self.gpu.memory_bytes), True
+
     def describe(self) -> str:
         mem = self.gpu_memory_bytes / GiB
         cap = f"@{mem:.0f}GiB" if self.memory_cap_bytes else ""
@@ -198,11 +205,23 @@ def detect_hardware(nodes: int = 1) -> Hardware | None:
     return Hardware(gpu=spec, gpus_per_node=count, nodes=nodes, cpu_ram_bytes=cpu_ram_bytes(), source="detected")
 
 
-def hardware_for(gpus: str | None, nodes: int = 1) -> Hardware:
-    """`gpus` if given, else the detected GPUs; without either, an error that says how to name them."""
+def parse_memory(text: str) -> int:
+    """'512GB', '1.5TB', '768GiB' -> bytes (binary units, as RAM is sold)."""
+    m = re.match(r"^\s*(\d+(?:\.\d+)?)\s*(t|tb|tib|g|gb|gib)\s*$", str(text), re.I)
+    if not m:
+        raise ConfigError(f"memory size '{text}' is not understood; use e.g. 512GB or 1.5TB")
+    scale = 1024 ** 4 if m.group(2).lower().startswith("t") else GiB
+    return int(float(m.group(1)) * scale)
+
+
+def hardware_for(gpus: str | None, nodes: int = 1, cpu_ram: int | None = None) -> Hardware:
+    """`gpus` if given (CPU RAM: `cpu_ram` bytes per node, else assumed), else the detected GPUs and this
+    machine's RAM; without either, an error that says how to name them."""
     if gpus:
-        return parse_gpus(gpus, nodes=nodes, cpu_ram_bytes=cpu_ram_bytes())
+        return parse_gpus(gpus, nodes=nodes, cpu_ram_bytes=cpu_ram)
     hw = detect_hardware(nodes)
+    if hw is not None and cpu_ram:
+        hw = replace(hw, cpu_ram_bytes=cpu_ram)
     if hw is None:
         raise ConfigError("no GPU detected and none given; pass --gpus (e.g. --gpus 8xV100-32GB or 1x24GB) "
                           "or set plan.gpus in the config")

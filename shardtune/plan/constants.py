@@ -58,6 +58,8 @@ class PlanConstants:
     host_layer_liger_s: float = 150e-6         # ... with Liger's fused kernels
     host_backward_factor: float = 0.94         # backward issue cost relative to one forward pass (autograd is C++)
     host_ckpt_extra: float = 0.3               # checkpoint hooks on top of the recomputed forward
+    host_fsdp_layer_s: float = 150e-6          # FSDP2 per unit and pass: hooks, all-gather issue, copy-in/out
+    host_zero3_module_s: float = 25e-6         # DeepSpeed ZeRO-3 per submodule and pass: fetch/release hooks
     host_micro_s: float = 5e-3                 # per micro batch: batch to device, loss, bookkeeping
     host_gpu_serial: float = 0.0               # fraction of the shorter of host/GPU time that does not overlap
     comm_eff: float = 0.75                     # achieved / nominal link bandwidth for NCCL collectives

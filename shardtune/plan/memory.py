@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from shardtune.model.shapes import LinearShape, ModelShape
+from shardtune.plan.constants import GiB
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.setup import TrainSetup
 
@@ -67,6 +68,13 @@ def base_param_elem(setup: TrainSetup) -> int:
     if setup.method == "full" and setup.strategy != "deepspeed":
         return 4
     return setup.elem
+
+
+def fp32_autocast(setup: TrainSetup) -> bool:
+    """Full fine-tuning without a sharding engine keeps fp32 parameters and relies on autocast: every matmul casts
+    its weight (cached for the whole forward) and the residual stream stays fp32. FSDP (mixed-precision policy)
+    and DeepSpeed hand the forward compute-dtype parameters instead."""
+    return setup.method == "full" and setup.strategy in ("none", "ddp") and setup.autocast
 
 
 def weight_bytes(shape: ModelShape, setup: TrainSetup) -> WeightBytes:
@@ -141,13 +149,17 @@ def activation_breakdown_per_token(shape: ModelShape, setup: TrainSetup,
     # only gate's and up's outputs (recomputes the activation in backward).
     out["mlp intermediates"] = ((2 if liger else 3) if shape.gated_mlp else 1) * e * I
     if setup.method == "full":
-        # Every linear keeps its input for the weight gradient. Under autocast each linear casts its fp32 input
-        # itself (q, k, v: three copies), norms keep their fp32 output too (their weight is trained).
-        casts = lambda k: (k if setup.autocast else 1)  # noqa: E731
-        n_attn_in = sum(1 for lin in shape.linears if lin.input_group == "attn_in")
-        n_mlp_in = sum(1 for lin in shape.linears if lin.input_group == "mlp_in")
-        out["linear inputs"] = e * h * (casts(n_attn_in) + casts(n_mlp_in)) + e * I   # o reuses SDPA's output
-        out["norm outputs (fp32)"] = shape.block_norms * 4 * h
+        if fp32_autocast(setup):
+            # Every linear keeps its input for the weight gradient; under autocast each linear casts its fp32 input
+            # itself (q, k, v: three copies); norms keep their fp32 output too (their weight is trained).
+            n_attn_in = sum(1 for lin in shape.linears if lin.input_group == "attn_in")
+            n_mlp_in = sum(1 for lin in shape.linears if lin.input_group == "mlp_in")
+            out["linear inputs"] = e * h * (n_attn_in + n_mlp_in) + e * I   # o reuses SDPA's output
+            out["norm outputs (fp32)"] = shape.block_norms * 4 * h
+        else:
+            # compute-dtype parameters: linears reading one tensor share it; norms keep their normalized input
+            out["linear inputs"] = e * h * 2 + e * I
+            out["norm outputs"] = shape.block_norms * e * h
         return out
     targeted = shape.targeted_linears(setup.lora_targets)
     # peft's plain Linear (method=lora) casts x to the fp32 LoRA dtype before dropout, and autocast casts it back
@@ -196,7 +208,7 @@ def first_layer_discount_per_token(shape: ModelShape, setup: TrainSetup, c: Plan
 
 def residual_elem(setup: TrainSetup) -> int:
     """Bytes per element of the residual stream: fp32 when fp32 master weights meet autocast (full), else compute."""
-    return base_param_elem(setup) if setup.method == "full" else setup.elem
+    return 4 if fp32_autocast(setup) else setup.elem
 
 
 def checkpoint_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> int:
@@ -279,6 +291,7 @@ class MemoryEstimate:
     trainable_params: int
     activation_per_token_layer: float
     notes: list[str] = field(default_factory=list)
+    cpu_ram_assumed: bool = False
 
     def fits(self, margin: float) -> bool:
         return self.usage_vs_budget <= (1 - margin) * self.budget and self.cpu_fits()
@@ -298,7 +311,8 @@ class MemoryEstimate:
                 "weights_unsharded": {"quant_data": self.weights.quant_data, "quant_consts": self.weights.quant_consts,
                                       "layer_dense": self.weights.layer_dense, "root": self.weights.root},
                 "trainable_params": self.trainable_params,
-                "activation_bytes_per_token_layer": self.activation_per_token_layer, "notes": list(self.notes)}
+                "activation_bytes_per_token_layer": self.activation_per_token_layer,
+                "cpu_ram_assumed": self.cpu_ram_assumed, "notes": list(self.notes)}
 
 
 def _elem_of_dtype(name: str) -> int:
@@ -402,7 +416,7 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     transient = backward_transient_bytes(shape, setup, c)
     # autocast caches the compute-dtype copy of every trainable leaf weight for the whole forward
     lora_casts = 2 * lora_params(shape, setup) if setup.autocast and setup.method != "full" else 0
-    full_casts = e * shape.matmul_params if setup.autocast and setup.method == "full" else 0
+    full_casts = e * shape.matmul_params if fp32_autocast(setup) else 0
     head_cast = e * shape.vocab * shape.hidden if full_casts else 0
     layer_cast = e * shape.linear_weight_params_per_layer if full_casts else 0
     grads_layer = grads_gpu / L if setup.method == "full" else grads_gpu
@@ -472,7 +486,9 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     per_rank_weights = w.total * share
     load_cpu = c.cpu_base_per_rank_bytes + largest * ckpt_elem + per_rank_weights
     load_gpu = per_rank_weights + largest * max(e, base_param_elem(setup)) + fixed
-    cpu_budget = getattr(hw, "cpu_ram_bytes", None)
+    cpu_budget, assumed = hw.cpu_ram() if hasattr(hw, "cpu_ram") else (getattr(hw, "cpu_ram_bytes", None), False)
+    if assumed and (setup.offload_optimizer or setup.offload_param):
+        notes.append(f"CPU RAM per node assumed {cpu_budget / GiB:.0f} GiB (2x GPU memory); give --cpu-ram")
     if setup.offload_optimizer or setup.offload_param:
         notes.append("offloaded tensors live in pinned CPU memory (page-locked; cannot swap)")
 
@@ -482,4 +498,4 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
         peak_phase=peak_phase, phases={k: int(v) for k, v in phases.items()},
         cpu={k: int(v) for k, v in cpu.items()}, cpu_total=int(cpu_total), cpu_budget=cpu_budget,
         load_peak_cpu_per_rank=int(load_cpu), load_peak_gpu=int(load_gpu), weights=w, trainable_params=P,
-        activation_per_token_layer=act_layer, notes=notes)
+        activation_per_token_layer=act_layer, notes=notes, cpu_ram_assumed=assumed)

@@ -104,7 +104,7 @@ class TrainSetup:
         if self.offload_param:
             off.append("param")
         off_s = f" offload={'+'.join(off)}" if off else ""
-        return (f"{self.method} {s}x{self.world_size}{off_s} ckpt={'on' if self.grad_ckpt else 'off'} "
+        return (f"{self.method} {s} x{self.world_size}{off_s} ckpt={'on' if self.grad_ckpt else 'off'} "
                 f"micro={self.micro_batch} accum={self.grad_accum} seq={self.seq_len}")
 
     def invalid_reason(self) -> str | None:
@@ -169,13 +169,14 @@ def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def resolve_kernels(mode: str) -> str:
-    """What train.kernels gives on a CUDA machine: auto = Liger when liger-kernel is installed here."""
+def resolve_kernels(mode: str, local: bool = True) -> str:
+    """What train.kernels gives on a CUDA machine. auto = Liger when liger-kernel is installed: checked here when
+    planning for this machine's GPUs (`local`), assumed (shardtune[gpu]) for GPUs named with --gpus."""
     if mode == "none":
         return "none"
     if mode == "liger":
         return "liger"
-    return "liger" if liger_installed() else "none"
+    return "liger" if (liger_installed() or not local) else "none"
 
 
 def resolve_fused_loss(fused_loss: bool, strategy: str, model_type: str | None, liger: bool | None = None) -> str:
@@ -191,6 +192,8 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
     """The TrainSetup a RunConfig describes on hardware `hw` (world size = all GPUs of hw). `kernels` and
     `fused_loss` override the auto resolution (the trainer knows what it actually runs)."""
     t, p, lora = cfg.train, cfg.parallel, cfg.lora
+    local = getattr(hw, "source", "given") == "detected"
+    liger = liger_installed() or not local
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     world = hw.world_size
     strategy = resolve_strategy(p.strategy, world)
@@ -206,8 +209,8 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,
         double_quant=bool(cfg.quant.double_quant), optimizer=t.optimizer,
-        kernels=kernels or resolve_kernels(getattr(t, "kernels", "none")),
-        fused_loss=fused_loss or resolve_fused_loss(getattr(t, "fused_loss", False), strategy, model_type))
+        kernels=kernels or resolve_kernels(getattr(t, "kernels", "none"), local),
+        fused_loss=fused_loss or resolve_fused_loss(getattr(t, "fused_loss", False), strategy, model_type, liger))
 
 
 def apply_setup(cfg, setup: TrainSetup):

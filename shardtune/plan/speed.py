@@ -108,6 +108,11 @@ def host_seconds_per_micro(shape: ModelShape, setup: TrainSetup, c: PlanConstant
     per_linear = c.host_linear_s + (c.host_quant_linear_s if setup.method in ("qlora", "int8") else 0.0)
     per_layer = (c.host_layer_liger_s if setup.kernels == "liger" else c.host_layer_s)
     per_pass = n_lin * per_linear + n_lora * c.host_lora_s + per_layer
+    if setup.strategy == "fsdp":
+        per_pass += c.host_fsdp_layer_s
+    elif setup.strategy == "deepspeed" and setup.zero_stage == 3:
+        # hooks on every submodule: the layer, attention, MLP, norms, each linear and each LoRA's A/B/dropout
+        per_pass += c.host_zero3_module_s * (6 + n_lin + 4 * n_lora)
     passes = 1 + c.host_backward_factor + (1 if setup.grad_ckpt else 0) * (1 + c.host_ckpt_extra)
     return shape.layers * per_pass * passes + c.host_micro_s
 

@@ -1,0 +1,120 @@
+"""`shardtune plan`: predict per-GPU and CPU memory and speed of a config, or pick the fastest that fits (--auto).
+
+    shardtune plan cfg.yaml [key=value ...]
+    shardtune plan --model DIR_OR_NAME --gpus 8xV100-32GB [--nodes 2] [--method qlora --strategy fsdp
+                   --zero-stage 3 --micro-batch 2 --seq 2048 --grad-ckpt on|off --offload-optimizer --offload-param
+                   --auto] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+STRATEGY_ALIASES = {"zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "fsdp2": ("fsdp", 3)}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
+                   help="a YAML config (optional) followed by dotted overrides such as lora.rank=32")
+    p.add_argument("--model", help="model directory, config.json/YAML file, or catalogue name (e.g. llama-3-8b)")
+    p.add_argument("--gpus", help="GPUs per node: 8xV100-32GB, 2xRTX4090, 1x24GB, 4xH200@24GB (default: detected)")
+    p.add_argument("--nodes", type=int, default=1, help="number of nodes (each with --gpus)")
+    p.add_argument("--cpu-ram", help="CPU RAM per node, e.g. 512GB (default: detected here, else 2x GPU memory)")
+    p.add_argument("--method", choices=["full", "lora", "qlora", "int8"])
+    p.add_argument("--strategy", choices=["none", "ddp", "fsdp", "deepspeed", "zero2", "zero3"])
+    p.add_argument("--zero-stage", type=int, choices=[2, 3])
+    p.add_argument("--micro-batch", type=int)
+    p.add_argument("--grad-accum", type=int)
+    p.add_argument("--global-batch", type=int, help="sequences per optimizer step for --auto")
+    p.add_argument("--seq", type=int, help="sequence length (data.max_seq_len)")
+    p.add_argument("--grad-ckpt", choices=["on", "off"])
+    p.add_argument("--offload-optimizer", action="store_true", default=None)
+    p.add_argument("--offload-param", action="store_true", default=None)
+    p.add_argument("--precision", choices=["auto", "bf16", "fp16", "fp32"])
+    p.add_argument("--lora-rank", type=int)
+    p.add_argument("--kernels", choices=["auto", "liger", "none"],
+                   help="Liger kernels on the GPUs (auto: assumed for --gpus, checked for detected GPUs)")
+    p.add_argument("--margin", type=float, help="fraction of GPU memory kept free (plan.margin)")
+    p.add_argument("--auto", action="store_true", help="search strategy/offload/checkpointing/micro batch")
+    p.add_argument("--search-method", action="store_true", help="with --auto, also try lora/qlora/int8/full")
+    p.add_argument("--constants", help="JSON file of planner constants (e.g. fitted by shardtune.plan.calibrate)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def overrides_from_flags(args) -> list[str]:
+    ov = []
+
+    def put(key, val):
+        if val is not None:
+            ov.append(f"{key}={val}")
+    put("model.name_or_path", args.model)
+    put("plan.gpus", args.gpus)
+    put("train.method", args.method)
+    if args.strategy:
+        strategy, stage = STRATEGY_ALIASES.get(args.strategy, (args.strategy, None))
+        put("parallel.strategy", strategy)
+        put("parallel.zero_stage", stage)
+    put("parallel.zero_stage", args.zero_stage)
+    put("train.micro_batch_size", args.micro_batch)
+    put("train.grad_accum", args.grad_accum)
+    put("plan.global_batch_size", args.global_batch)
+    put("data.max_seq_len", args.seq)
+    if args.grad_ckpt:
+        put("train.gradient_checkpointing", "true" if args.grad_ckpt == "on" else "false")
+    if args.offload_optimizer:
+        put("parallel.offload_optimizer", "true")
+    if args.offload_param:
+        put("parallel.offload_param", "true")
+    put("train.precision", args.precision)
+    put("lora.rank", args.lora_rank)
+    put("train.kernels", args.kernels)
+    put("plan.margin", args.margin)
+    if args.auto:
+        put("plan.mode", "auto")
+    return ov
+
+
+def run(args) -> int:
+    from shardtune.cli import split_config_and_overrides
+    from shardtune.config import load_config
+    from shardtune.errors import DoesNotFit
+    from shardtune.hardware import hardware_for, parse_memory
+    from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
+    from shardtune.plan.estimate import estimate
+    from shardtune.plan.report import estimate_json, render_estimate, render_search, search_json
+    from shardtune.plan.search import auto_plan, smallest_change
+
+    path, overrides = split_config_and_overrides(list(args.items))
+    cfg = load_config(path, overrides + overrides_from_flags(args))
+    constants = PlanConstants.load(args.constants) if args.constants else DEFAULT_CONSTANTS
+    cpu_ram = parse_memory(args.cpu_ram) if args.cpu_ram else None
+    hw = hardware_for(cfg.plan.gpus, nodes=args.nodes, cpu_ram=cpu_ram)
+    color = sys.stdout.isatty() and not args.json
+    if cfg.plan.mode == "auto":
+        try:
+            res = auto_plan(cfg, hw, search_method=args.search_method, constants=constants)
+        except DoesNotFit as e:
+            if not args.json:
+                raise
+            import json
+            print(json.dumps({"fits": False, "error": str(e), "suggestions": getattr(e, "suggestions", [])},
+                             indent=1))
+            return 1
+        print(search_json(res) if args.json else render_search(res, color), end="" if not args.json else "\n")
+        return 0
+    est = estimate(cfg, hw, constants=constants)
+    if args.json:
+        import json
+        d = est.to_dict()
+        if not est.fits and not est.invalid:
+            d["suggestions"] = smallest_change(est.shape, est.setup, hw, est.margin, constants)
+        print(json.dumps(d, indent=1))
+    else:
+        print(render_estimate(est, color), end="")
+        if not est.fits and not est.invalid:
+            ways = smallest_change(est.shape, est.setup, hw, est.margin, constants)
+            print("try: shardtune plan ... --auto (searches strategy, offload, checkpointing, micro batch)")
+            for w in ways:
+                print(f"or:  {w}")
+    return 0 if est.fits else 1

@@ -1,0 +1,95 @@
+"""`estimate(cfg, hw)`: the planner's library entry point -- memory per GPU and CPU, speed, fits or not.
+
+The training loop calls it to print the prediction before loading and `Estimate.check_measured` after the first
+steps to compare with the measured per-rank peak (warn when they differ by more than 15%).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from shardtune.hardware import GiB, Hardware, hardware_for
+from shardtune.model.shapes import ModelShape, resolve_shape
+from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
+from shardtune.plan.memory import MemoryEstimate, predict_memory
+from shardtune.plan.setup import TrainSetup, setup_from_config
+from shardtune.plan.speed import SpeedEstimate, predict_speed
+
+
+@dataclass
+class Estimate:
+    shape: ModelShape
+    hardware: Hardware
+    setup: TrainSetup
+    memory: MemoryEstimate
+    speed: SpeedEstimate
+    margin: float = 0.1
+    invalid: str | None = None        # why the setup cannot run at all (then memory/speed are still filled in)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.invalid is None and self.memory.fits(self.margin)
+
+    @property
+    def usable_bytes(self) -> int:
+        return int((1 - self.margin) * self.memory.budget)
+
+    def why_not(self) -> str | None:
+        """One phrase: why this setup is rejected (None when it fits)."""
+        if self.invalid:
+            return self.invalid
+        m = self.memory
+        if m.usage_vs_budget > self.usable_bytes:
+            return (f"needs {m.usage_vs_budget / GiB:.1f} GiB per GPU, {self.usable_bytes / GiB:.1f} GiB usable "
+                    f"({m.budget / GiB:.1f} GiB - {self.margin:.0%} margin): over by "
+                    f"{(m.usage_vs_budget - self.usable_bytes) / GiB:.1f} GiB")
+        if not m.cpu_fits():
+            have = "assumed" if m.cpu_ram_assumed else "available"
+            return (f"needs {m.cpu_total / GiB:.0f} GiB of CPU RAM per node, {m.cpu_budget / GiB:.0f} GiB {have} "
+                    "(90% usable)")
+        return None
+
+    def check_measured(self, peak_reserved_bytes: float, peak_allocated_bytes: float | None = None,
+                       tolerance: float = 0.15) -> str | None:
+        """A warning line when a measured per-rank peak differs from the prediction by more than `tolerance`."""
+        msgs = []
+        for what, meas, pred in (("reserved", peak_reserved_bytes, self.memory.peak_reserved),
+                                 ("allocated", peak_allocated_bytes, self.memory.peak_allocated)):
+            if meas is None or meas <= 0:
+                continue
+            err = pred / meas - 1
+            if abs(err) > tolerance:
+                msgs.append(f"peak {what} {meas / GiB:.2f} GiB measured vs {pred / GiB:.2f} GiB planned "
+                            f"({err:+.0%})")
+        if not msgs:
+            return None
+        return "plan vs measured: " + "; ".join(msgs) + " (please report with `shardtune plan --json` output)"
+
+    def to_dict(self) -> dict:
+        return {"model": self.shape.summary(), "hardware": self.hardware.to_dict(), "setup": self.setup.to_dict(),
+                "label": self.setup.label, "fits": self.fits, "margin": self.margin, "invalid": self.invalid,
+                "why_not": self.why_not(), "usable_bytes": self.usable_bytes, "memory": self.memory.to_dict(),
+                "speed": self.speed.to_dict(), "notes": list(self.notes)}
+
+
+def estimate_setup(shape: ModelShape, setup: TrainSetup, hw: Hardware, margin: float = 0.1,
+                   constants: PlanConstants = DEFAULT_CONSTANTS) -> Estimate:
+    mem = predict_memory(shape, setup, hw, constants)
+    spd = predict_speed(shape, setup, hw, constants)
+    notes = list(mem.notes) + list(spd.notes)
+    return Estimate(shape=shape, hardware=hw, setup=setup, memory=mem, speed=spd, margin=margin,
+                    invalid=setup.invalid_reason(), notes=notes)
+
+
+def estimate(cfg, hw: Hardware | None = None, *, constants: PlanConstants = DEFAULT_CONSTANTS,
+             kernels: str | None = None, fused_loss: str | None = None, shape: ModelShape | None = None) -> Estimate:
+    """Predict memory and speed of `cfg` (a RunConfig) on `hw` (default: plan.gpus, else the detected GPUs).
+    `kernels` ('liger'|'none') and `fused_loss` ('liger'|'chunked'|'none') override what the planner infers, for
+    callers that know what actually runs (the trainer)."""
+    if hw is None:
+        hw = hardware_for(cfg.plan.gpus)
+    if shape is None:
+        shape = resolve_shape(cfg.model.name_or_path)
+    setup = setup_from_config(cfg, hw, model_type=shape.model_type, kernels=kernels, fused_loss=fused_loss)
+    return estimate_setup(shape, setup, hw, cfg.plan.margin, constants)
