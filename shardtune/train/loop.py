@@ -98,6 +98,11 @@ class Trainer:
         if self.dist.world_size > 1:
             from shardtune.parallel.launch import init_distributed
             init_distributed(self.dist, self.device)
+        if self.device.type == "cpu" and self.dist.world_size > 1:
+            # ranks sharing a CPU must not each spin up a thread per core (oversubscription is ~7x slower here)
+            import os
+            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.dtype = resolve_precision(cfg.train, self.device)
         self.strategy = resolve_strategy(cfg, self.dist.world_size)
         self.out = Path(cfg.output.dir)
@@ -109,6 +114,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
         splits = build_datasets(cfg.data, self.tokenizer, cfg.train.seed)
         self.train_set, self.val_set, self.data_stats = splits.train, splits.val, splits.stats
+        from shardtune.data.pipeline import format_stats
+        self.say(format_stats(splits.stats))
         self.collate = lambda samples: collate(samples, self.tokenizer.pad_token_id)
         self.targets = [_targets(s) for s in self.train_set]
 
