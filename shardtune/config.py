@@ -33,6 +33,7 @@ class ModelConfig:
     trust_remote_code: bool = _f(False, "allow model code shipped with the checkpoint (needed by some architectures)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager | flash_attention_2")
     revision: Optional[str] = _f(None, "hub revision (branch, tag or commit)")
+    random_init: bool = _f(False, "ignore any weights: random N(0, 0.02) weights from config.json alone (benchmarks, dry runs of shapes whose checkpoint you do not have)")
 
 
 @dataclass

@@ -51,6 +51,9 @@ class Engine:
     def build_model(self, model_dir: Path) -> nn.Module:
         """Load base + method (LoRA / full) for this rank. The default loads a full replica on this rank's device;
         sharded engines override it to build on the meta device and materialize only their shard."""
+        if self.cfg.model.random_init:
+            from shardtune.model.stream import build_streamed_model
+            return build_streamed_model(self.cfg, model_dir, self.device, self.compute_dtype, random_init=True)
         from shardtune.model.load import build_model
         return build_model(self.cfg, model_dir, self.device, self.compute_dtype)
 
