@@ -18,7 +18,6 @@ Rules for a user JSON (documented in docs/distributed.md):
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -218,9 +217,15 @@ def build_ds_config(cfg, world_size: int, *, compute_dtype: torch.dtype | None =
         f.json_wins(prm, "weight_decay", t.weight_decay, "optimizer.params.weight_decay", "train.weight_decay", wd_default)
         f.fill(prm, "betas", [0.9, 0.999], "optimizer.params.betas")
         f.fill(prm, "eps", 1e-8, "optimizer.params.eps")
-        if "torch_adam" in prm and _is_auto(prm["torch_adam"]):
-            prm["torch_adam"] = not torch.cuda.is_available()
-            f.filled.append(f"optimizer.params.torch_adam={prm['torch_adam']}")
+        if t.optimizer != "adamw":
+            raise ConfigError(f"an \"optimizer\" section in {src} conflicts with train.optimizer={t.optimizer}; "
+                              "remove the section to use train.optimizer, or set train.optimizer=adamw")
+        if str(opt.get("type", "")).lower() in ("adam", "adamw") and (
+                "torch_adam" not in prm or _is_auto(prm["torch_adam"])):
+            # DeepSpeed's default Adam is a compiled op (CPU Adam when offloading, fused Adam on GPUs), built with a
+            # C++/CUDA toolchain at first use; torch's AdamW needs nothing. "torch_adam": false opts back in.
+            prm["torch_adam"] = True
+            f.filled.append("optimizer.params.torch_adam=true")
     elif _offloads(z, "offload_optimizer"):
         # shardtune passes torch AdamW; DeepSpeed insists on its compiled CPU Adam unless told otherwise
         if ds.get("zero_force_ds_cpu_optimizer") is True:
@@ -271,8 +276,8 @@ def _find_auto(d: Any, path: str = "") -> str | None:
 
 
 def describe_filled(filled: list[str], src: str | None) -> str:
-    """The one line printed at start: which "auto" values shardtune filled and from where."""
+    """The one line printed at start: which values shardtune filled in (the "auto" ones and defaults it adds)."""
     where = src or "the generated DeepSpeed config"
     if not filled:
-        return f"deepspeed config: {where} (no \"auto\" values)"
-    return f"deepspeed config: filled {len(filled)} \"auto\" value(s) in {where} from the shardtune config: " + ", ".join(filled)
+        return f"deepspeed config: {where} used as written (no \"auto\" values)"
+    return f"deepspeed config: filled in {where} from the shardtune config: " + ", ".join(filled)

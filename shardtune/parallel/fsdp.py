@@ -195,7 +195,7 @@ class FSDPEngine(Engine):
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _dcp_state(self):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        opts = StateDictOptions(ignore_frozen_params=True)
+        opts = StateDictOptions(ignore_frozen_params=True, strict=False)
         msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
         return {"model": msd, "optim": osd}, opts
 
