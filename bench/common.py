@@ -97,3 +97,15 @@ def model_flops_per_token(shape: str, seq: int, recompute: bool) -> float:
     mult = 6 if recompute else 4
     attn_fwd = 2 * L * seq * h
     return mult * n + attn_fwd * (4 if recompute else 3)
+
+
+def write_config_dir(shape: str, out: Path) -> Path:
+    """config.json + a small tokenizer and no weights: enough for model.random_init=true runs of any size."""
+    out = Path(out)
+    if (out / "config.json").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    llama_config(shape).save_pretrained(out)
+    from shardtune.model.tiny import build_tokenizer
+    build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(out)
+    return out

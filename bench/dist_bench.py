@@ -1,0 +1,132 @@
+"""Multi-GPU shardtune runs (FSDP2, DeepSpeed ZeRO-2/3, DDP) with per-GPU memory, balance and tokens/s.
+
+    torchrun --nproc-per-node 2 bench/dist_bench.py --shape llama3-8b --strategy fsdp --mb 2 --ckpt 1 \
+        [--cap 24] [--method qlora] [--zero-stage 3] [--offload] [--random] --out result.json
+
+Weights: --random builds them directly in 4-bit on each rank from config.json alone (no checkpoint; needed for
+70B shapes, whose checkpoint does not fit on the device's disk); otherwise a random bf16 checkpoint is written to
+/tmp first (by rank 0) and streamed in. Also runs with plain `python` (1 process, strategy none).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import (H100_BF16_CEILING, model_flops_per_token, random_samples, write_config_dir,  # noqa: E402
+                          write_random_checkpoint)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="llama3-8b")
+    ap.add_argument("--seq", type=int, default=2048)
+    ap.add_argument("--mb", type=int, default=2)
+    ap.add_argument("--accum", type=int, default=1)
+    ap.add_argument("--ckpt", type=int, default=1)
+    ap.add_argument("--method", default="qlora")
+    ap.add_argument("--strategy", default="fsdp")
+    ap.add_argument("--zero-stage", type=int, default=3)
+    ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--precision", default="bf16")
+    ap.add_argument("--cap", type=float, default=0.0, help="GB of GPU memory each process may use")
+    ap.add_argument("--random", action="store_true")
+    ap.add_argument("--liger", type=int, default=1)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+
+    import torch
+    import torch.distributed as dist
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    torch.cuda.set_device(local)
+    if args.cap:
+        total = torch.cuda.get_device_properties(local).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap * 1e9 / total), local)
+    if args.random:
+        model_dir = Path(f"/tmp/cfg-{args.shape}")
+        if rank == 0 or world == 1:
+            write_config_dir(args.shape, model_dir)
+    else:
+        model_dir = Path(f"/tmp/bench-{args.shape}")
+        if rank == 0:
+            write_random_checkpoint(args.shape, model_dir)
+    while not (model_dir / "config.json").exists() or not (model_dir / "tokenizer_config.json").exists():
+        time.sleep(1)
+    if not args.random:
+        while not (model_dir / "model.safetensors.index.json").exists():
+            time.sleep(1)
+
+    from shardtune.config import load_config
+    from shardtune.train.loop import Trainer
+    data = Path(f"/tmp/bench-data-{rank}.jsonl")
+    data.write_text("".join(json.dumps({"text": f"sample {i}"}) + "\n" for i in range(64)))
+    strategy = "none" if world == 1 and args.strategy in ("fsdp", "ddp") else args.strategy
+    ov = [f"model.name_or_path={model_dir}", f"model.random_init={args.random}", f"data.path={data}",
+          "data.format=text", f"data.max_seq_len={args.seq}", f"train.method={args.method}",
+          f"train.micro_batch_size={args.mb}", f"train.grad_accum={args.accum}",
+          f"train.max_steps={args.steps + args.warmup}", f"train.gradient_checkpointing={bool(args.ckpt)}",
+          f"train.kernels={'auto' if args.liger else 'none'}", f"train.precision={args.precision}",
+          "train.eval_every=0", "train.log_every=5", f"output.dir=/tmp/dist-out", "output.tensorboard=false",
+          "output.plot=false", "lora.rank=16", "lora.alpha=32", "train.warmup_steps=0",
+          f"parallel.strategy={strategy}", f"parallel.zero_stage={args.zero_stage}",
+          f"parallel.offload_optimizer={args.offload}", f"parallel.offload_param={args.offload}"]
+    cfg = load_config(None, ov)
+    t0 = time.time()
+    tr = Trainer(cfg, out=lambda m: print(m, flush=True), time_steps=True)
+    tr.setup()
+    setup_s = time.time() - t0
+    gb = args.mb * args.accum * world
+    tr.use_samples(random_samples(gb * (args.steps + args.warmup), args.seq, json.loads(
+        (model_dir / "config.json").read_text())["vocab_size"]))
+    after_setup = (torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9)
+    torch.cuda.reset_peak_memory_stats()
+    res = tr.run()
+    import psutil
+    mine = {"rank": rank, "param_bytes": tr.engine.local_param_bytes(), "alloc_after_setup_gb": after_setup[0],
+            "reserved_after_setup_gb": after_setup[1], "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
+            "cpu_rss_gb": psutil.Process().memory_info().rss / 1e9,
+            "load_report": getattr(getattr(tr.engine.unwrapped(), "load_report", None), "to_dict", lambda: None)()}
+    ranks = [None] * world
+    if world > 1:
+        dist.all_gather_object(ranks, mine)
+    else:
+        ranks = [mine]
+    if rank == 0:
+        times = tr.step_times[args.warmup:]
+        med = statistics.median(times)
+        tps = gb * args.seq / med
+        pb = [r["param_bytes"] for r in ranks]
+        mean = sum(pb) / len(pb)
+        out = {"args": vars(args), "world": world, "gpu": torch.cuda.get_device_name(0), "strategy": strategy,
+               "setup_s": round(setup_s, 1), "median_step_s": round(med, 4), "tokens_per_s": round(tps, 1),
+               "tokens_per_s_per_gpu": round(tps / world, 1),
+               "mfu": round(tps / world * model_flops_per_token(args.shape, args.seq, bool(args.ckpt))
+                            / H100_BF16_CEILING, 4),
+               "param_bytes_max_dev_from_mean": round(max(abs(b - mean) for b in pb) / mean, 4),
+               "step_times": [round(t, 4) for t in times], "ranks": ranks,
+               "losses": [round(x, 4) for x in res.losses]}
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(out, indent=1, default=str))
+        print("RESULT " + json.dumps({k: v for k, v in out.items() if k not in ("step_times", "ranks", "losses")}),
+              flush=True)
+        for r in ranks:
+            print(f"  rank {r['rank']}: params {r['param_bytes'] / 1e9:.2f} GB, after setup {r['alloc_after_setup_gb']:.2f} "
+                  f"GB, peak alloc {r['peak_alloc_gb']:.2f} GB, peak reserved {r['peak_reserved_gb']:.2f} GB, "
+                  f"RSS {r['cpu_rss_gb']:.1f} GB", flush=True)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
