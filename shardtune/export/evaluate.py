@@ -27,8 +27,9 @@ from shardtune.export.generate import PromptStyle, generate_ids, prompt_style, r
 
 METRICS = ("auto", "sql", "generic")
 PROXY_NOTE = ("execution accuracy on synthesized databases (schema from tables.json or the prompt's CREATE TABLE "
-              "statements, seeded rows, several seeds per schema) is a proxy in the spirit of test-suite accuracy, not the official Spider "
-              "number; pass --db-dir with the real <db_id>/<db_id>.sqlite files for that")
+              "statements, seeded rows, several databases per schema) is a proxy in the spirit of test-suite "
+              "accuracy, not the official Spider number; pass --db-dir with the real <db_id>/<db_id>.sqlite files "
+              "for that")
 
 
 @dataclass
@@ -181,22 +182,34 @@ def eval_loss(model, tokenizer, records: Sequence[EvalRecord], style: PromptStyl
 
 
 def _score_sql(records: Sequence[EvalRecord], preds: Sequence[str], provider: t2s.DatabaseProvider,
-               timeout_s: float) -> tuple[dict, list[dict]]:
+               timeout_s: float, n_databases: int) -> tuple[dict, list[dict]]:
     rows = []
     sources: Counter = Counter()
+    unscored: Counter = Counter()
     for r, p in zip(records, preds):
         pred_sql = t2s.extract_sql(p)
-        row = {"index": r.index, "db_id": r.db_id, "question": r.prompt[-300:], "gold": r.gold, "pred": pred_sql,
-               "exact": t2s.exact_match(r.gold, pred_sql), "exec": None}
-        dbs, source = provider.paths_for(r.db_id, r.schema_key)
-        if not dbs:
-            row["exec_note"] = "no database or schema for this record"
+        row = {"index": r.index, "where": r.where, "db_id": r.db_id, "question": r.prompt[-300:], "gold": r.gold,
+               "pred": pred_sql, "exact": t2s.exact_match(r.gold, pred_sql), "exec": None}
+        real = provider.real_path(r.db_id)
+        if real is not None:
+            res, source = t2s.execution_match(real, r.gold, pred_sql, timeout_s=timeout_s), "real"
+        elif r.schema_key:
+            res = t2s.synthetic_execution_match(provider, r.schema_key, r.gold, pred_sql, n_databases=n_databases,
+                                                max_databases=max(8, 2 * n_databases), timeout_s=timeout_s)
+            source = "synthetic"
         else:
-            res = t2s.execution_match_all(dbs, r.gold, pred_sql, timeout_s=timeout_s)
-            row["exec"], row["db"] = res.match, source
+            res, source = None, None
+            row["exec_note"] = "no database or schema for this record"
+            unscored["no_database"] += 1
+        if res is not None:
+            row["exec"], row["db"], row["databases"] = res.match, source, res.databases
             sources[source] += 1
             if res.gold_error:
                 row["exec_note"] = f"gold query failed: {res.gold_error}"
+                unscored["gold_failed"] += 1
+            elif res.uninformative:
+                row["exec_note"] = "gold result empty/zero on every synthesized database: not scored"
+                unscored["uninformative"] += 1
             elif res.pred_error:
                 row["exec_note"] = f"prediction failed: {res.pred_error}"
         rows.append(row)
@@ -207,10 +220,7 @@ def _score_sql(records: Sequence[EvalRecord], preds: Sequence[str], provider: t2
         "exact_match": sum(x["exact"] for x in rows) / len(rows) if rows else float("nan"),
         "execution_accuracy": sum(bool(x["exec"]) for x in scored) / len(scored) if scored else None,
         "execution_scored": len(scored),
-        "execution_unscored": {
-            "no_database": sum(1 for x in rows if x.get("exec_note", "").startswith("no database")),
-            "gold_failed": sum(1 for x in rows if x.get("exec_note", "").startswith("gold query failed")),
-        },
+        "execution_unscored": {k: unscored.get(k, 0) for k in ("no_database", "gold_failed", "uninformative")},
         "prediction_errors": sum(1 for x in rows if x.get("exec_note", "").startswith("prediction failed")),
         "databases": dict(sources),
     }
@@ -235,8 +245,9 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
 
     predict_fn(records) -> answers replaces generation (e.g. an oracle returning the gold SQL, or answers produced
     elsewhere); with it `run_dir` may be None for the SQL metric. Without real databases, each schema is synthesized
-    `n_databases` times with different seeds and a prediction must agree with the gold query on all of them; they go
-    to `synth_dir` (kept) or a temporary directory (deleted).
+    with several seeds and a prediction must agree with the gold query on every one tried, until `n_databases` gave
+    the gold query an informative (non-empty, non-zero) result (see text2sql.synthetic_execution_match); databases
+    go to `synth_dir` (kept) or a temporary directory (deleted).
     """
     if metric not in METRICS:
         raise ConfigError(f"--metric {metric!r}; use one of {', '.join(METRICS)}")
@@ -285,14 +296,13 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
             tmp = tempfile.TemporaryDirectory(prefix="shardtune-dbs-")
             synth_dir = tmp.name
         try:
-            provider = t2s.DatabaseProvider(synth_dir, db_dir=db_dir, schemas=schemas, seed=seed,
-                                            n_databases=n_databases)
+            provider = t2s.DatabaseProvider(synth_dir, db_dir=db_dir, schemas=schemas, seed=seed)
             for r in records:
                 if provider.real_path(r.db_id) is None:
                     r.schema_key = _schema_key(r, schemas, provider)
                 if r.schema_key:
                     provider.add_gold(r.schema_key, r.gold)
-            summary, rows = _score_sql(records, preds, provider, timeout_s)
+            summary, rows = _score_sql(records, preds, provider, timeout_s, n_databases)
         finally:
             if tmp is not None:
                 tmp.cleanup()
@@ -339,7 +349,8 @@ def format_summary(summary: dict) -> str:
         db = ", ".join(f"{k} {v}" for k, v in summary["databases"].items()) or "none"
         lines.append(f"  execution accuracy: {'n/a' if ea is None else f'{ea:.3f}'} over {summary['execution_scored']}"
                      f" records (databases: {db}; unscored: {unscored['no_database']} without a schema, "
-                     f"{unscored['gold_failed']} whose gold query fails)")
+                     f"{unscored['gold_failed']} whose gold query fails, {unscored['uninformative']} whose gold "
+                     f"result is empty on every synthesized database)")
         if summary.get("note"):
             lines.append(f"  note: {summary['note']}")
     else:
@@ -366,7 +377,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="Spider tables.json for synthesized databases (default: *tables*.json beside --data)")
     parser.add_argument("--limit", type=int, metavar="N", help="score only the first N records")
     parser.add_argument("--n-databases", type=int, default=3, metavar="K",
-                        help="synthesized databases per schema; a prediction must match gold on all K (default 3)")
+                        help="synthesized databases on which the gold query must give an informative result; the "
+                             "prediction must match it on all of them (default 3)")
     parser.add_argument("--keep-dbs", metavar="DIR", help="write the synthesized databases here (default: temporary)")
     parser.add_argument("--metric", default="auto", choices=METRICS)
     parser.add_argument("--out", metavar="FILE", help="results JSON (default: RUN_DIR/eval/<data name>.json)")

@@ -244,21 +244,28 @@ def results_match(gold: list[tuple], pred: list[tuple], ordered: bool, max_permu
 
 @dataclass
 class ExecResult:
-    match: Optional[bool]  # None when the gold query itself fails (the record is not scored)
+    match: Optional[bool]  # None: not scored (the gold query fails, or no database can tell right from wrong)
     gold_error: Optional[str] = None
     pred_error: Optional[str] = None
+    uninformative: bool = False  # the gold result was empty / zero / NULL on every synthesized database
+    databases: int = 0
+
+
+def is_trivial(rows: list[tuple]) -> bool:
+    """No rows, or only zeros and NULLs: a result that most wrong queries also produce on synthetic data."""
+    return all(v is None or v == 0 for r in rows for v in r)
 
 
 def execution_match(db_path: str | Path, gold_sql: str, pred_sql: str, timeout_s: float = 5.0) -> ExecResult:
     try:
         gold_rows = execute(db_path, gold_sql, timeout_s)
     except SqlExecutionError as e:
-        return ExecResult(None, gold_error=str(e))
+        return ExecResult(None, gold_error=str(e), databases=1)
     try:
         pred_rows = execute(db_path, pred_sql, timeout_s)
     except SqlExecutionError as e:
-        return ExecResult(False, pred_error=str(e))
-    return ExecResult(results_match(gold_rows, pred_rows, ordered=has_top_level_order_by(gold_sql)))
+        return ExecResult(False, pred_error=str(e), databases=1)
+    return ExecResult(results_match(gold_rows, pred_rows, ordered=has_top_level_order_by(gold_sql)), databases=1)
 
 
 # ---------------------------------------------------------------- schemas
@@ -375,7 +382,38 @@ def schema_from_create_statements(db_id: str, text: str) -> Optional[Schema]:
     # Keep references whose both ends exist (a prompt may show only some of the tables).
     cols_of = {t.name: {c.name for c in t.columns} for t in tables}
     fks = [(src, dst) for src, dst in fks if src[1] in cols_of.get(src[0], ()) and dst[1] in cols_of.get(dst[0], ())]
-    return Schema(db_id, tables, fks)
+    schema = Schema(db_id, tables, fks)
+    if not fks:
+        infer_keys(schema)
+    return schema
+
+
+def infer_keys(schema: Schema) -> Schema:
+    """Keys by naming convention, for schemas shown without them (`CREATE TABLE concert (concert_id, stadium_id,
+    ...)`): `<table>_id` (or `id`) is the table's key, and `<other table>_id` elsewhere references that table, so
+    synthesized rows join the way the data's real rows would."""
+    def base(name: str) -> str:
+        n = name.lower()
+        return n[:-1] if n.endswith("s") and not n.endswith("ss") else n
+
+    key_of: dict[str, tuple[str, str]] = {}  # table stem -> (table, key column)
+    for t in schema.tables:
+        cols = {c.name.lower(): c.name for c in t.columns}
+        stem = base(t.name)
+        pk = cols.get(f"{stem}_id") or cols.get(f"{t.name.lower()}_id") or cols.get("id")
+        if not t.primary_key and pk:
+            t.primary_key = [pk]
+        if len(t.primary_key) == 1:
+            key_of[stem] = (t.name, t.primary_key[0])
+    for t in schema.tables:
+        for c in t.columns:
+            m = re.fullmatch(r"(\w+?)_?id", c.name, re.I)
+            if not m or not m.group(1):
+                continue
+            target = key_of.get(base(m.group(1)))
+            if target and target[0] != t.name and target[1].lower() == c.name.lower():
+                schema.foreign_keys.append(((t.name, c.name), target))
+    return schema
 
 
 def load_spider_tables(path: str | Path) -> dict[str, Schema]:
@@ -484,6 +522,9 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 20, s
         tmp.unlink()
 
     fk_of = {src: dst for src, dst in schema.foreign_keys}
+    # Row counts differ between tables (and seeds), else count(*) over the wrong table would give the right number.
+    size = {t.name: rng.randint(max(3, rows_per_table * 6 // 10), max(4, rows_per_table * 14 // 10))
+            for t in schema.tables}
     # Values of every referenced column are fixed first, so references resolve whatever the table order is.
     referenced: dict[tuple[str, str], list] = {}
     for _, dst in schema.foreign_keys:
@@ -491,14 +532,14 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 20, s
             t = schema.table(dst[0]) if any(t.name == dst[0] for t in schema.tables) else None
             col = next((c for c in t.columns if c.name == dst[1]), None) if t else None
             if col is not None:
-                referenced[dst] = maker.unique(col, rows_per_table)
+                referenced[dst] = maker.unique(col, size[dst[0]])
     # A referenced column may itself reference another one (A.x -> B.y, C.z -> A.x): take its values from there.
     for _ in range(3):
         for key in list(referenced):
             parent = fk_of.get(key)
             if parent in referenced and parent != key:
                 pool = referenced[parent]
-                referenced[key] = rng.sample(pool, min(rows_per_table, len(pool)))
+                referenced[key] = rng.sample(pool, min(size[key[0]], len(pool)))
 
     # sqlite_* names are SQLite's own (Spider lists sqlite_sequence for AUTOINCREMENT tables); SQLite makes them.
     tables = [t for t in schema.tables if not t.name.lower().startswith("sqlite_")]
@@ -518,7 +559,7 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 20, s
             conn.execute(f"CREATE TABLE {_quote(t.name)} ({', '.join(col_defs)})")
 
         for t in tables:
-            n = rows_per_table
+            n = size[t.name]
             single_pk = t.primary_key[0] if len(t.primary_key) == 1 else None
             columns: dict[str, list] = {}
             for c in t.columns:
@@ -550,22 +591,19 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 20, s
 
 
 class DatabaseProvider:
-    """The SQLite files a record is executed on: a real `<db_dir>/<db_id>/<db_id>.sqlite` when present, else
-    `n_databases` synthesized from the schema registered under the record's schema key (its db_id, or a per-record
-    key for schemas that only exist as CREATE TABLE text in the prompt), each with its own seed. A prediction counts
-    as correct only if it agrees with the gold query on all of them: one random database lets some wrong queries
-    through by luck (empty results, ties), several catch most of those (test-suite accuracy's idea)."""
+    """Where a record's SQL runs: a real `<db_dir>/<db_id>/<db_id>.sqlite` when present, else databases synthesized
+    from the schema registered under the record's schema key (its db_id, or a per-record key for schemas that only
+    exist as CREATE TABLE text in the prompt), one per seed, built when first needed."""
 
     def __init__(self, cache_dir: str | Path, db_dir: str | Path | None = None,
-                 schemas: Optional[dict[str, Schema]] = None, seed: int = 0, rows_per_table: int = 20,
-                 n_databases: int = 3):
+                 schemas: Optional[dict[str, Schema]] = None, seed: int = 0, rows_per_table: int = 20):
         self.cache_dir = Path(cache_dir)
         self.db_dir = Path(db_dir) if db_dir else None
         self.schemas: dict[str, Schema] = dict(schemas or {})
         self.gold: dict[str, list[str]] = {}  # schema key -> gold queries whose literals are planted
-        self.seeds = [seed + i for i in range(max(1, n_databases))]
+        self.seed = seed
         self.rows_per_table = rows_per_table
-        self._paths: dict[str, tuple[list[Path], Optional[str]]] = {}
+        self._built: dict[tuple[str, int], Path] = {}
 
     def add_schema(self, key: str, schema: Schema) -> None:
         self.schemas.setdefault(key, schema)
@@ -579,32 +617,46 @@ class DatabaseProvider:
         p = self.db_dir / db_id / f"{db_id}.sqlite"
         return p if p.is_file() else None
 
-    def paths_for(self, db_id: Optional[str], key: Optional[str] = None) -> tuple[list[Path], Optional[str]]:
-        """([paths], 'real' | 'synthetic'), or ([], None) when neither a database nor a schema is known."""
-        real = self.real_path(db_id)
-        if real is not None:
-            return [real], "real"
-        key = key or db_id
-        if key is None:
-            return [], None
-        if key not in self._paths:
-            found: tuple[list[Path], Optional[str]] = ([], None)
-            if key in self.schemas:
-                safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
-                paths = [build_database(self.schemas[key], self.cache_dir / f"{safe}.s{seed}.sqlite",
-                                        rows_per_table=self.rows_per_table, seed=seed,
-                                        literals=self.gold.get(key, ()))
-                         for seed in self.seeds]
-                found = (paths, "synthetic")
-            self._paths[key] = found
-        return self._paths[key]
+    def synthetic_path(self, key: str, i: int) -> Path:
+        """The i-th synthesized database of schema `key` (seed + i)."""
+        if (key, i) not in self._built:
+            safe = re.sub(r"[^A-Za-z0-9_.-]", "_", key)
+            self._built[(key, i)] = build_database(
+                self.schemas[key], self.cache_dir / f"{safe}.s{self.seed + i}.sqlite",
+                rows_per_table=self.rows_per_table, seed=self.seed + i, literals=self.gold.get(key, ()))
+        return self._built[(key, i)]
 
 
-def execution_match_all(db_paths: Sequence[Path], gold_sql: str, pred_sql: str, timeout_s: float = 5.0) -> ExecResult:
-    """Correct only if correct on every database; unscored if the gold query fails on any."""
-    result = ExecResult(None)
-    for p in db_paths:
-        result = execution_match(p, gold_sql, pred_sql, timeout_s)
-        if result.match is not True:
-            return result
-    return result
+def synthetic_execution_match(provider: DatabaseProvider, key: str, gold_sql: str, pred_sql: str,
+                              n_databases: int = 3, max_databases: int = 8, timeout_s: float = 5.0) -> ExecResult:
+    """Test-suite-style comparison on synthesized databases.
+
+    Databases are taken in seed order until `n_databases` of them give the gold query an informative result (not
+    empty / zero / NULL) or `max_databases` were built; the prediction must then give the gold result on every one
+    of them. A record whose gold result is uninformative everywhere is not scored, since on such data most wrong
+    queries would also "match" (e.g. any count over an empty join is 0).
+    """
+    # Which databases to use depends on the gold query alone, so every predictor is scored on the same records.
+    tried: list[tuple[Path, list[tuple]]] = []
+    informative = 0
+    for i in range(max_databases):
+        if informative >= n_databases:
+            break
+        path = provider.synthetic_path(key, i)
+        try:
+            gold_rows = execute(path, gold_sql, timeout_s)
+        except SqlExecutionError as e:
+            return ExecResult(None, gold_error=str(e), databases=i + 1)
+        tried.append((path, gold_rows))
+        informative += not is_trivial(gold_rows)
+    if informative == 0:
+        return ExecResult(None, uninformative=True, databases=len(tried))
+    ordered = has_top_level_order_by(gold_sql)
+    for path, gold_rows in tried:
+        try:
+            pred_rows = execute(path, pred_sql, timeout_s)
+        except SqlExecutionError as e:
+            return ExecResult(False, pred_error=str(e), databases=len(tried))
+        if not results_match(gold_rows, pred_rows, ordered=ordered):
+            return ExecResult(False, databases=len(tried))
+    return ExecResult(True, databases=len(tried))

@@ -143,10 +143,14 @@ def test_record_formats_and_errors(tmp_path):
 def test_shared_text2sql_files_with_an_oracle(name, tmp_path):
     # Spider's own format and DB-GPT-Hub's two exports: every record finds a schema (tables.json beside the file, the
     # db_id named in the instruction, or CREATE TABLE statements in the prompt) and the gold SQL scores itself 1.0
-    s = evaluate(None, SHARED_DATA / "text2sql" / name, predict_fn=oracle, limit=25, out=tmp_path / "o.json")["summary"]
-    assert s["n"] == 25 and s["exact_match"] == 1.0
-    assert s["execution_unscored"]["no_database"] == 0 and s["execution_scored"] >= 23
-    assert s["execution_accuracy"] == 1.0
+    path = SHARED_DATA / "text2sql" / name
+    s = evaluate(None, path, predict_fn=oracle, limit=25, out=tmp_path / "o.json")["summary"]
+    assert s["n"] == 25 and s["exact_match"] == 1.0 and s["execution_accuracy"] == 1.0
+    assert s["execution_unscored"]["no_database"] == 0
+    assert s["execution_scored"] + sum(s["execution_unscored"].values()) == 25 and s["execution_scored"] >= 15
+    # which records are scored depends on the gold queries only: a wrong predictor has the same denominator
+    w = evaluate(None, path, predict_fn=lambda recs: ["SELECT 1"] * len(recs), limit=25, out=tmp_path / "w.json")
+    assert w["summary"]["execution_scored"] == s["execution_scored"] and w["summary"]["execution_accuracy"] == 0.0
 
 
 def test_cli_evaluate(tiny_run, sql_file, tmp_path, capsys):

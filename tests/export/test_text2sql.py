@@ -175,3 +175,29 @@ def test_real_spider_schema_builds_and_runs_its_gold_queries(tmp_path):
         rows = t.execute(db, q)  # every gold query runs on the synthesized database
         nonempty += bool(rows) and rows != [(0,)] and rows != [(None,)]
     assert nonempty >= 0.8 * len(gold)
+
+
+def test_keys_are_inferred_from_names_when_the_prompt_has_none(tmp_path):
+    text = ("CREATE TABLE singer (singer_id, name, country, age)\nCREATE TABLE stadium (stadium_id, name, city)\n"
+            "CREATE TABLE concert (concert_id, name, stadium_id, year)\n-- Answer with one SQLite query.")
+    s = t.schema_from_create_statements("toy", text)
+    assert [tb.primary_key for tb in s.tables] == [["singer_id"], ["stadium_id"], ["concert_id"]]
+    assert s.foreign_keys == [(("concert", "stadium_id"), ("stadium", "stadium_id"))]
+    gold = "SELECT count(*) FROM concert AS T1 JOIN stadium AS T2 ON T1.stadium_id = T2.stadium_id"
+    db = t.build_database(s, tmp_path / "toy.sqlite", literals=[gold])
+    assert t.execute(db, gold)[0][0] == len(t.execute(db, "SELECT * FROM concert"))  # every concert joins
+
+
+def test_uninformative_gold_results_are_not_scored(tmp_path):
+    provider = t.DatabaseProvider(tmp_path, schemas={"music": t.schema_from_spider(SCHEMA_ENTRY)})
+    assert t.is_trivial([]) and t.is_trivial([(0,)]) and t.is_trivial([(None, 0)]) and not t.is_trivial([(2,)])
+    # a value that no database holds: count is 0 everywhere, and a wrong query would "match"
+    empty = t.synthetic_execution_match(provider, "music", "SELECT count(*) FROM singer WHERE country = 'Atlantis'",
+                                        "SELECT count(*) FROM singer WHERE age > 1000", n_databases=2, max_databases=4)
+    assert empty.match is None and empty.uninformative and empty.databases == 4
+    ok = t.synthetic_execution_match(provider, "music", "SELECT count(*) FROM singer", "SELECT count(name) FROM singer",
+                                     n_databases=2, max_databases=4)
+    assert ok.match is True and ok.databases == 2
+    bad = t.synthetic_execution_match(provider, "music", "SELECT count(*) FROM singer",
+                                      "SELECT count(*) FROM concert", n_databases=2)
+    assert bad.match is False
