@@ -11,6 +11,7 @@ replicated quant_state.
 from __future__ import annotations
 
 import contextlib
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,9 @@ from shardtune.parallel.base import Engine
 from shardtune.train.optim import build_optimizer, build_scheduler
 
 TAG = "deepspeed"
+
+# DeepSpeed 0.19 calls torch.distributed.all_gather_into_tensor, which torch 2.13 deprecates: one warning per call
+warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def _hidden_size(model: nn.Module) -> int | None:

@@ -137,6 +137,10 @@ class FSDPEngine(Engine):
 
     def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
         from torch.distributed.device_mesh import init_device_mesh
+        if self.cfg.train.optimizer != "adamw":
+            # bitsandbytes' 8-bit optimizers index raw tensors; FSDP2's parameters are DTensors
+            raise ConfigError(f"train.optimizer={self.cfg.train.optimizer} does not work on FSDP2's sharded "
+                              "parameters; use train.optimizer=adamw (the optimizer state is sharded anyway)")
         self.mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
         shard_model(model, self.cfg, self.mesh, self.compute_dtype)
         self.model = model

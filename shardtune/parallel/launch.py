@@ -8,11 +8,14 @@ import os
 import re
 import subprocess
 import sys
-
-import torch
+from typing import TYPE_CHECKING
 
 from shardtune.errors import ConfigError, EnvironmentProblem
-from shardtune.parallel.base import DistInfo
+
+if TYPE_CHECKING:  # torch is imported lazily: `shardtune train --nproc N` only spawns torchrun in this process
+    import torch
+
+    from shardtune.parallel.base import DistInfo
 
 
 def detect_launcher(env: dict | None = None) -> str | None:
@@ -103,15 +106,16 @@ def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, m
              master_port: int = 29500) -> int:
     """Run `shardtune train <argv>` as nproc x nnodes processes through torchrun; returns torchrun's exit code.
 
-    Single node uses torchrun's standalone rendezvous only if no address was given; multi-node passes --nnodes,
-    --node-rank, --master-addr and --master-port (static rendezvous: start the same command on every node)."""
+    Multi-node passes --nnodes, --node-rank, --master-addr and --master-port (static rendezvous: start the same
+    command on every node with its own --node-rank)."""
     if nproc < 1 or nnodes < 1:
         raise ConfigError(f"--nproc {nproc} / --nnodes {nnodes}: both must be >= 1")
     if nnodes > 1 and not 0 <= node_rank < nnodes:
         raise ConfigError(f"--node-rank {node_rank} is outside 0..{nnodes - 1} for --nnodes {nnodes}")
-    if torch.cuda.is_available() and nproc > torch.cuda.device_count() and os.environ.get("SHARDTUNE_ALLOW_OVERSUBSCRIBE") != "1":
-        raise ConfigError(f"--nproc {nproc} but only {torch.cuda.device_count()} GPU(s) are visible; use --nproc "
-                          f"{torch.cuda.device_count()} (one process per GPU)")
+    gpus = _visible_gpus()
+    if gpus and nproc > gpus:
+        raise ConfigError(f"--nproc {nproc} but only {gpus} GPU(s) are visible; use --nproc {gpus} "
+                          "(one process per GPU)")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
     if nnodes > 1:
         cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", master_addr,
@@ -125,6 +129,18 @@ def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, m
         return subprocess.call(cmd, env=env)
     except KeyboardInterrupt:
         return 130
+
+
+def _visible_gpus() -> int:
+    """GPUs this node shows, without importing torch (nvidia-smi); 0 when there are none or it cannot tell."""
+    vis = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if vis is not None:
+        return len([d for d in vis.split(",") if d.strip() and d.strip() != "-1"])
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(1 for line in out.stdout.splitlines() if line.startswith("GPU "))
 
 
 def strip_launch_args(argv: list[str]) -> list[str]:

@@ -100,13 +100,22 @@ class QuantLayout:
         code, nested_code = codes
         shape = torch.Size([self.out_features, self.in_features])
         if self.nested:
-            state2 = bnbF.QuantState(absmax=b[nested_at:nested_at + 4 * self.n_nested_blocks].view(torch.float32),
-                                     code=nested_code, blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
+            state2 = bnbF.QuantState(absmax=_f32(b, nested_at, self.n_nested_blocks), code=nested_code,
+                                     blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
             return bnbF.QuantState(absmax=b[:self.n_blocks], shape=shape, code=code, blocksize=self.blocksize,
                                    quant_type=self.quant_type, dtype=self.weight_dtype,
-                                   offset=b[offset_at:offset_at + 4].view(torch.float32)[0], state2=state2)
-        return bnbF.QuantState(absmax=b[:4 * self.n_blocks].view(torch.float32), shape=shape, code=code,
+                                   offset=_f32(b, offset_at, 1)[0], state2=state2)
+        return bnbF.QuantState(absmax=_f32(b, 0, self.n_blocks), shape=shape, code=code,
                                blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.weight_dtype)
+
+
+def _f32(b: torch.Tensor, start: int, n: int) -> torch.Tensor:
+    """`n` float32 values at byte `start` of the uint8 tensor `b`; a view when 4-byte aligned (always for shardtune's
+    own layouts), a copy otherwise (an engine may gather a 2-byte-storage blob at an odd element offset)."""
+    piece = b[start:start + 4 * n]
+    if piece.storage_offset() % 4:
+        piece = piece.clone()
+    return piece.view(torch.float32)
 
 
 def canonical_codes(quant_type: str, nested: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

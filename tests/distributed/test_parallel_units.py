@@ -296,3 +296,15 @@ def test_check_balance_single_rank_prints_and_passes():
     stats = check_balance(eng, 0.15, out=lines.append)
     assert stats[0][0] == 2**20 and len(lines) == 1 and lines[0].startswith("rank 0: parameters 1.00 MiB")
     assert ImbalanceError.__doc__
+
+
+def test_unpack_handles_a_blob_at_an_odd_offset():
+    """DeepSpeed may hand back a gathered 2-byte-storage blob that starts 2 bytes into a 4-byte word."""
+    from shardtune.parallel.quant4 import convert_linear4bit
+    m = convert_linear4bit(_linear4bit(torch.bfloat16, True))
+    blob = m.quant_blob.detach()
+    shifted = torch.cat([torch.zeros(1, dtype=blob.dtype), blob])[1:]
+    assert shifted.view(torch.uint8).storage_offset() % 4 == 2
+    a, b = m.layout.unpack(blob, m._codes["cpu"]), m.layout.unpack(shifted, m._codes["cpu"])
+    assert torch.equal(a.absmax, b.absmax) and torch.equal(a.state2.absmax, b.state2.absmax)
+    assert float(a.offset) == float(b.offset)
