@@ -104,6 +104,7 @@ class Trainer:
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
         self.dtype = resolve_precision(cfg.train, self.device)
+        cfg = self.cfg = self._plan(cfg)
         self.strategy = resolve_strategy(cfg, self.dist.world_size)
         self.out = Path(cfg.output.dir)
         if self.dist.is_main:
@@ -161,6 +162,40 @@ class Trainer:
         if self.fused:
             return fused_loss_sum(self.model, batch, self.dtype, self.device)
         return logits_loss_sum(self.model, batch, self.dtype, self.device)
+
+    def _plan(self, cfg):
+        """`plan: auto` replaces the config with the planner's fastest fitting choice; on a GPU the prediction for
+        the config that runs is kept, to be compared with the measured peak after the first logged steps."""
+        self.estimate = None
+        if cfg.plan.mode == "auto":
+            from shardtune.hardware import hardware_for
+            from shardtune.plan import auto_plan
+            hw = hardware_for(cfg.plan.gpus)
+            result = auto_plan(cfg, hw)
+            self.say("plan: auto chose " + result.summary())
+            cfg = result.config
+            self.estimate = result.best
+        elif self.device.type == "cuda":
+            try:
+                from shardtune.hardware import hardware_for
+                from shardtune.plan import estimate
+                self.estimate = estimate(cfg, hardware_for(cfg.plan.gpus))
+            except Exception as e:  # the plan is advice; a shape it cannot read must not stop training
+                self.say(f"plan: no prediction for this model ({type(e).__name__}: {e})")
+        if self.estimate is not None:
+            m = self.estimate.memory
+            self.say(f"plan: {self.estimate.setup.label}: predicted peak {m.peak_allocated / 2**30:.2f} GiB allocated, "
+                     f"{m.peak_reserved / 2**30:.2f} GiB reserved per GPU")
+        return cfg
+
+    def _check_plan(self) -> None:
+        if self.estimate is None or self.device.type != "cuda" or getattr(self, "_plan_checked", False):
+            return
+        self._plan_checked = True
+        warn = self.estimate.check_measured(torch.cuda.max_memory_reserved(self.device),
+                                            torch.cuda.max_memory_allocated(self.device))
+        if warn:
+            self.say_raw(f"warning (rank {self.dist.rank}): {warn}")
 
     # ------------------------------------------------------------------------------------------------ eval
     @torch.no_grad()
@@ -237,6 +272,7 @@ class Trainer:
                     progress.update(self._task, completed=done)
                 if done % t.log_every == 0 or done == self.total_steps:
                     self._log_window(res, log, done, win_loss, win_targets, win_tokens, win_t0, grad_norm)
+                    self._check_plan()
                     tokens_total += int(win_tokens.item() if torch.is_tensor(win_tokens) else win_tokens)
                     win_t0, win_tokens, win_targets = time.perf_counter(), torch.zeros((), device=self.device), 0
                     win_loss = torch.zeros((), device=self.device, dtype=torch.float64)
