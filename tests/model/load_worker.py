@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from shardtune.config import RunConfig  # noqa: E402
 import peft  # noqa: E402,F401 - imported here so import memory is in the baseline
 from shardtune.model.load import build_model  # noqa: E402,F401
-from shardtune.model.stream import build_streamed_model, fsdp_place  # noqa: E402
+from shardtune.model.stream import build_streamed_model, fsdp_place, gather_load_reports  # noqa: E402
 
 
 def _hwm() -> int:
@@ -108,7 +108,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = build_streamed_model(config(model_dir), Path(model_dir), cpu, torch.float32, place=place, shard=shard)
     result = {"rank": rank, "world_size": world, "baseline_rss": peak.baseline, "peak_rss": peak.stop(),
-              "report": model.load_report.to_dict(), "digests": digests(model)}
+              "report": model.load_report.to_dict(), "digests": digests(model),
+              "gathered": [r.format() for r in gather_load_reports(model.load_report)]}
     del model
     gc.collect()
     if tiny:

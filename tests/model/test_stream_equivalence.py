@@ -22,10 +22,11 @@ CPU = torch.device("cpu")
 PROBE = (torch.arange(2 * 20).reshape(2, 20) * 7 + 3) % 400
 
 
-def _cfg(model_dir, method, **lora):
+def _cfg(model_dir, method, checkpointing=False, **lora):
     cfg = RunConfig()
     cfg.model.name_or_path = str(model_dir)
     cfg.train.method = method
+    cfg.train.gradient_checkpointing = checkpointing
     for k, v in lora.items():
         setattr(cfg.lora, k, v)
     return cfg
@@ -40,8 +41,8 @@ def _unwrap(m):
     return m.get_base_model() if hasattr(m, "get_base_model") else m
 
 
-def _both(model_dir, method, dtype=torch.float32, **lora):
-    cfg = _cfg(model_dir, method, **lora)
+def _both(model_dir, method, dtype=torch.float32, **kw):
+    cfg = _cfg(model_dir, method, **kw)
     torch.manual_seed(0)
     ref = build_model(cfg, model_dir, CPU, dtype)
     torch.manual_seed(0)
@@ -110,9 +111,12 @@ def test_qlora_bf16_storage_is_bit_exact(tiny_model, arch):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])
 def test_lora_weights_equal(tiny_model, arch):
-    ref, got = _both(tiny_model(arch), "lora")
+    ref, got = _both(tiny_model(arch), "lora", checkpointing=arch == "llama")
     assert_same_model(ref, got)
     assert_same_logits(ref, got)
+    assert _unwrap(got).is_gradient_checkpointing == _unwrap(ref).is_gradient_checkpointing == (arch == "llama")
+    line = got.load_report.format()
+    assert line.startswith("load rank 0/1:") and "GB read" in line and "peak CPU RSS" in line and "\n" not in line
 
 
 def test_lora_bf16_and_modules_to_save(tiny_model):

@@ -125,6 +125,7 @@ def test_two_rank_fsdp_qlora_load_each_rank_below_half(runs):
     ranks = [json.loads((runs["dir"] / f"two.rank{r}.json").read_text()) for r in (0, 1)]
     for r, res in enumerate(ranks):
         _check_rank(res, runs["bytes"], runs["expected"][2][r])
+    assert [line.split(":")[0] for line in ranks[0]["gathered"]] == ["load rank 0/2", "load rank 1/2"]
     kept = [res["report"]["kept_bytes"] for res in ranks]
     assert abs(kept[0] - kept[1]) <= 0.1 * sum(kept) / 2, kept  # the 4-bit base is split evenly, not on rank 0
 
