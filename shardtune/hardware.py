@@ -9,7 +9,7 @@ fitted to measurements (shardtune.plan.speed.SpeedConstants). Importing this mod
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from shardtune.errors import ConfigError
 

@@ -17,7 +17,7 @@ import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 from shardtune.errors import ConfigError
 from shardtune.hardware import Hardware, find_gpu, parse_gpus

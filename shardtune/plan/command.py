@@ -82,7 +82,7 @@ def run(args) -> int:
     from shardtune.hardware import hardware_for, parse_memory
     from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
     from shardtune.plan.estimate import estimate
-    from shardtune.plan.report import estimate_json, render_estimate, render_search, search_json
+    from shardtune.plan.report import render_estimate, render_search, search_json
     from shardtune.plan.search import auto_plan, smallest_change
 
     path, overrides = split_config_and_overrides(list(args.items))

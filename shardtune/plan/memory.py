@@ -414,8 +414,10 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     loss = loss_peak_bytes(shape, setup, c)
     loss_fwd = loss_forward_bytes(shape, setup, c)
     transient = backward_transient_bytes(shape, setup, c)
-    # autocast caches the compute-dtype copy of every trainable leaf weight for the whole forward
-    lora_casts = 2 * lora_params(shape, setup) if setup.autocast and setup.method != "full" else 0
+    # autocast caches the compute-dtype copy of every trainable fp32 leaf weight for the whole forward (FSDP's
+    # mixed-precision policy and DeepSpeed hand it compute-dtype parameters instead)
+    lora_casts = (e * lora_params(shape, setup)
+                  if setup.autocast and setup.method != "full" and setup.strategy in ("none", "ddp") else 0)
     full_casts = e * shape.matmul_params if fp32_autocast(setup) else 0
     head_cast = e * shape.vocab * shape.hidden if full_casts else 0
     layer_cast = e * shape.linear_weight_params_per_layer if full_casts else 0

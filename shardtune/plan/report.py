@@ -26,7 +26,7 @@ def _console(color: bool):
 
 
 def setup_line(est: Estimate) -> str:
-    s, sh = est.setup, est.shape
+    s = est.setup
     targets = s.lora_targets if isinstance(s.lora_targets, str) else ",".join(s.lora_targets)
     lora = "" if s.method == "full" else f", LoRA r={s.lora_rank} on {targets} (dropout {s.lora_dropout:g})"
     loss = {"liger": "fused (Liger)", "chunked": "fused (chunked)", "none": "full logits"}[s.fused_loss]
