@@ -119,8 +119,9 @@ class TrainSetup:
             return "offload_param needs ZeRO stage 3"
         if self.method == "int8" and self.shards_params:
             return "int8 (LLM.int8) weights cannot be sharded by fsdp/ZeRO-3; use qlora, or ddp/zero2"
-        if self.optimizer != "adamw" and (self.offload_optimizer or self.offload_param) and (
-                self.offload_optimizer or self.strategy == "fsdp"):
+        if self.optimizer != "adamw" and self.strategy == "fsdp":
+            return "bitsandbytes 8-bit optimizers cannot step FSDP2's DTensor parameters; use train.optimizer=adamw"
+        if self.optimizer != "adamw" and self.offload_optimizer:
             return "8-bit optimizers cannot run on offloaded (CPU) states; use train.optimizer=adamw"
         return None
 
