@@ -71,16 +71,18 @@ def _ge(versions: dict, name: str, bound: str) -> bool:
 
 
 KNOWN_BAD: list[KnownBad] = [
-    KnownBad("transformers >= 5 with torch < 2.6: transformers 5 disables PyTorch below 2.6 (every model class "
-             "then fails to import)",
-             lambda v, n: _ge(v, "transformers", "5.0") and _lt(v, "torch", "2.6"),
-             "pip install 'torch>=2.6' (or transformers<5)"),
+    # transformers raises its PyTorch floor over time and then *disables* an older torch with one log line; every
+    # model class becomes a stub that fails later. Observed floors: 5.23 (its import_utils), 5.17 (its log message).
+    KnownBad("transformers >= 5.23 with torch < 2.6: transformers disables PyTorch below 2.6 (model classes then fail)",
+             lambda v, n: _ge(v, "transformers", "5.23") and _lt(v, "torch", "2.6"),
+             "pip install 'torch>=2.6' (or an older transformers)"),
+    KnownBad("transformers >= 5.17 with torch < 2.5: transformers disables PyTorch below 2.5 (model classes then fail)",
+             lambda v, n: _ge(v, "transformers", "5.17") and not _ge(v, "transformers", "5.23")
+             and _lt(v, "torch", "2.5"),
+             "pip install 'torch>=2.5' (or an older transformers)"),
     KnownBad("bitsandbytes < 0.46 without CUDA: no CPU backend for 4-bit/8-bit layers",
              lambda v, n: n.quantized and not n.cuda and _lt(v, "bitsandbytes", "0.46"),
              "pip install 'bitsandbytes>=0.46'"),
-    KnownBad("torch < 2.6 exposes FSDP2 only as torch.distributed._composable.fsdp, without CPU offload of 4-bit "
-             "storage", lambda v, n: n.strategy == "fsdp" and n.offload and _lt(v, "torch", "2.6"),
-             "pip install 'torch>=2.6' or set parallel.offload_param=false"),
 ]
 
 
@@ -178,6 +180,20 @@ def check_versions(versions: dict[str, Optional[str]], needs: Needs) -> list[Che
 
 def check_known_bad(versions: dict, needs: Needs) -> list[Check]:
     return [Check("known-bad combination", FAIL, kb.what, kb.fix) for kb in KNOWN_BAD if kb.applies(versions, needs)]
+
+
+def check_transformers_sees_torch() -> Optional[Check]:
+    """The installed pair as transformers itself judges it: below its PyTorch floor it disables torch silently."""
+    try:
+        from transformers.utils import import_utils
+    except Exception as e:
+        return Check("transformers import", FAIL, f"import transformers failed: {type(e).__name__}: {str(e)[:160]}",
+                     "pip install -U transformers")
+    if not import_utils.is_torch_available():
+        return Check("transformers + torch", FAIL, "transformers does not accept the installed torch (it disables "
+                                                   "PyTorch and every model class fails)",
+                     "pip install -U torch (transformers logs the minimum it needs on import)")
+    return None
 
 
 def unmet_requirements(requires: list[str], versions: dict[str, Optional[str]]) -> list[str]:
@@ -488,6 +504,7 @@ def check_paths(needs: Needs) -> list[Check]:
 def run_doctor(cfg=None, gpus: Optional[list[GpuInfo]] = None,
                versions: Optional[dict[str, Optional[str]]] = None) -> list[Check]:
     """All checks for this machine and (optionally) a RunConfig. `gpus` / `versions` replace detection (tests)."""
+    live_versions = versions is None
     versions = installed_versions() if versions is None else versions
     if versions.get("torch") is None:
         return [check_python(), Check("torch", FAIL, "not installed", "pip install torch (CUDA build on GPU machines)")]
@@ -496,6 +513,9 @@ def run_doctor(cfg=None, gpus: Optional[list[GpuInfo]] = None,
     checks = [check_python()]
     checks += check_versions(versions, needs)
     checks += check_known_bad(versions, needs)
+    if live_versions and versions.get("transformers") is not None:
+        seen = check_transformers_sees_torch()
+        checks += [seen] if seen else []
     checks += check_declared_requirements({k: v for k, v in versions.items() if v is not None})
     checks.append(check_tested_combo(versions))
     checks += check_gpus(gpus, needs)

@@ -32,6 +32,7 @@ def test_this_machine_passes():
     probe = [c for c in checks if c.name.startswith("bitsandbytes 4-bit on")]
     assert len(probe) == 1 and probe[0].status == d.OK  # the live NF4 Linear4bit forward
     assert not [c for c in checks if c.status == d.FAIL], [c for c in checks if c.status == d.FAIL]
+    assert d.check_transformers_sees_torch() is None  # transformers accepts this torch
 
 
 def test_version_ranges_depend_on_what_the_config_needs():
@@ -51,6 +52,8 @@ def test_version_ranges_depend_on_what_the_config_needs():
 def test_known_bad_combinations():
     bad = d.check_known_bad({**GOOD, "torch": "2.5.1"}, _needs())
     assert len(bad) == 1 and bad[0].status == d.FAIL and "torch>=2.6" in bad[0].fix
+    assert "torch>=2.5" in d.check_known_bad({**GOOD, "transformers": "5.17.0", "torch": "2.4.1"}, _needs())[0].fix
+    assert d.check_known_bad({**GOOD, "transformers": "5.17.0", "torch": "2.5.1"}, _needs()) == []
     assert d.check_known_bad(GOOD, _needs()) == []
     old_bnb = {**GOOD, "bitsandbytes": "0.45.5"}
     assert d.check_known_bad(old_bnb, _needs("train.method=qlora", cuda=False))
