@@ -13,7 +13,7 @@ import os
 import platform
 import shutil
 import sys
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Callable, Optional
@@ -451,7 +451,7 @@ def check_disk(output_dir: str, free_bytes: Optional[int] = None, model_size: Op
     if free < want:
         need = f"~{want / GiB:.0f} GiB" + (" (a merged export is as large as the base model)" if model_size else "")
         return Check("disk", WARN, f"{detail}; checkpoints and exports want {need}",
-                     f"free space or set output.dir to a larger disk")
+                     "free space or set output.dir to a larger disk")
     return Check("disk", OK, detail)
 
 
