@@ -38,7 +38,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
                    help="a YAML config (optional) followed by dotted overrides such as lora.rank=32 train.lr=1e-4")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """Only the chosen subcommand's module is imported (generate/evaluate pull in torch; `plan` must stay instant)."""
+    chosen = next((a for a in (argv or []) if not a.startswith("-")), None)
     parser = argparse.ArgumentParser(prog="shardtune", description="LoRA / QLoRA / full fine-tuning on the GPUs you have.")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -59,15 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
     csub.add_parser("keys", help="every config key with its default and meaning")
 
     for name, (mod, help_) in SUBCOMMAND_MODULES.items():
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue  # that part of shardtune is not installed in this build
         p = sub.add_parser(name, help=help_)
         p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS)
-        module.add_arguments(p)
+        if name == chosen:
+            importlib.import_module(mod).add_arguments(p)
         p.set_defaults(_module=mod)
     return parser
 
@@ -114,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     from shardtune.quiet import quiet_libraries
     quiet_libraries(debug)
     try:
-        parser = build_parser()
+        parser = build_parser(argv)
         args = parser.parse_args(argv)
         if args.command is None:
             parser.print_help()

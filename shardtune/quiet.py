@@ -14,13 +14,11 @@ def quiet_libraries(debug: bool = False) -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    try:
-        import torch
-        if not torch.cuda.is_available():
-            # DeepSpeed otherwise warns on import that it fell back to the CPU accelerator.
-            os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    except ImportError:
-        pass
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if not os.path.exists("/dev/nvidiactl"):
+        # no NVIDIA driver: DeepSpeed would otherwise warn on import that it fell back to the CPU accelerator
+        # (checked without importing torch, so `shardtune plan` stays instant)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     for mod in ("torch.jit", "torch.utils.checkpoint", "peft", "transformers", "bitsandbytes", "accelerate"):
         warnings.filterwarnings("ignore", category=DeprecationWarning, module=mod)
         warnings.filterwarnings("ignore", category=FutureWarning, module=mod)
@@ -28,15 +26,5 @@ def quiet_libraries(debug: bool = False) -> None:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "accelerate"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from transformers.utils import logging as tlog
-        tlog.set_verbosity_error()
-        tlog.disable_progress_bar()
-    except ImportError:
-        pass
-    try:
-        import datasets
-        datasets.disable_progress_bars()
-        datasets.logging.set_verbosity_error()
-    except ImportError:
-        pass
+    # transformers and datasets read TRANSFORMERS_VERBOSITY / HF_DATASETS_DISABLE_PROGRESS_BARS when imported;
+    # transformers' weight-loading bar also follows HF_HUB_DISABLE_PROGRESS_BARS.

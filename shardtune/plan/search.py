@@ -140,6 +140,13 @@ def _search(shape: ModelShape, base: TrainSetup, hw: Hardware, methods: list[str
         tied = [e for e in fits if e.speed.tokens_per_s >= 0.995 * top]
         tied.sort(key=_preference)
         fits = tied + [e for e in fits if e not in tied]
+        if hw.world_size == 1:
+            # on one GPU an engine or offload can only add work: take it only when the plain setup does not fit
+            # or is predicted clearly (>5%) slower
+            plain = [e for e in fits if e.setup.strategy == "none" and not e.setup.offload_optimizer
+                     and not e.setup.offload_param]
+            if plain and fits[0] not in plain and fits[0].speed.tokens_per_s < 1.05 * plain[0].speed.tokens_per_s:
+                fits = plain + [e for e in fits if e not in plain]
     return fits, rejected, len(cands)
 
 

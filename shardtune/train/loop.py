@@ -143,6 +143,17 @@ class Trainer:
         # the fused loss calls the decoder directly; only the one-process engine has no wrapper hooks to bypass
         self.fused = t.fused_loss and self.engine.name == "none" and can_fuse(self.model)
         self.say(f"kernels: {self.kernels}; loss: {'fused' if self.fused else 'logits'}")
+        if self.estimate is not None and cfg.plan.mode != "auto":
+            # predict again with the kernels and loss path that actually run
+            try:
+                from shardtune.hardware import hardware_for
+                from shardtune.plan import estimate
+                from shardtune.train.loss import _liger_flce
+                loss_path = ("liger" if self.device.type == "cuda" and _liger_flce() else "chunked") if self.fused \
+                    else "none"
+                self.estimate = estimate(cfg, hardware_for(cfg.plan.gpus), kernels=self.kernels, fused_loss=loss_path)
+            except Exception as e:
+                self.say(f"plan: could not refine the prediction ({type(e).__name__}: {e})")
         self.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
         if self.dist.world_size > 1:
             from shardtune.parallel.balance import check_balance
