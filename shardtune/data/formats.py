@@ -176,7 +176,9 @@ def _alpaca(r: dict) -> Example:
 
 def _text2sql(r: dict) -> Example:
     fmt = "text2sql"
-    sql = _nonempty(_first(r, ("output", *SQL_ANSWER_KEYS, "answer"), fmt, "SQL answer"), "output", fmt)
+    # Spider's own files keep a parsed tree (a dict) under 'sql' and the text under 'query': skip non-text keys
+    keys = [k for k in ("output", *SQL_ANSWER_KEYS, "answer") if not (k in r and isinstance(r[k], (dict, list)))]
+    sql = _nonempty(_first(r, tuple(keys), fmt, "SQL answer"), "output", fmt)
     if "instruction" in r and not any(k in r for k in SQL_QUESTION_KEYS):
         # DB-GPT-Hub: the instruction already holds schema and task; input holds the question (or is empty).
         instruction = _text(r, "instruction", required=True, fmt=fmt)

@@ -194,3 +194,12 @@ def test_record_rejected_by_template_is_a_bad_line(tmp_path, tok, capsys):
     s = build_datasets(data_cfg(p, chat_template=tmpl, on_bad_line="skip"), tok, 0)
     assert len(s.train) == 1 and s.stats["records_used"] == 1
     assert s.stats["skipped"] == {"rejected by the chat template": 1}
+
+
+def test_spider_record_with_parsed_sql_tree_uses_query_text():
+    """Spider's dev.json has 'sql' as a parsed dict and the SQL text under 'query'."""
+    from shardtune.data.formats import to_example
+    rec = {"db_id": "concert_singer", "question": "How many singers do we have?",
+           "query": "SELECT count(*) FROM singer", "sql": {"select": [False, [[3, [0, [0, 0, False], None]]]]}}
+    ex = to_example(rec, "text2sql")
+    assert ex.messages[-1] == {"role": "assistant", "content": "SELECT count(*) FROM singer"}
