@@ -358,14 +358,18 @@ def _unwrap(model: nn.Module) -> nn.Module:
 
 
 def _weight_renamings(base: nn.Module):
-    """transformers' checkpoint-key renamings for this model, and its converters (which streaming cannot apply)."""
+    """transformers' checkpoint-key renamings for this model, and its converters (which streaming cannot apply).
+    Older transformers without this machinery, or with another interface, rename nothing (checkpoint keys are the
+    module names, as for llama / mistral / qwen2)."""
     try:
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming
-    except ImportError:  # older transformers: checkpoint keys are module names
+        mapping = get_model_conversion_mapping(base)
+    except (ImportError, TypeError, AttributeError):
         return [], []
-    mapping = get_model_conversion_mapping(base)
-    return ([m for m in mapping if isinstance(m, WeightRenaming)], [m for m in mapping if isinstance(m, WeightConverter)])
+    ren = [m for m in mapping if isinstance(m, WeightRenaming) and hasattr(m, "rename_source_key")]
+    conv = [m for m in mapping if isinstance(m, WeightConverter) and hasattr(m, "rename_source_key")]
+    return ren, conv
 
 
 @dataclass
@@ -377,7 +381,6 @@ class Target:
     kind: str  # "4bit" | "int8" | "plain"
     is_buffer: bool = False
     transpose: bool = False  # GPT-2 Conv1D weights are stored [in, out]
-    derived_from: Optional["Target"] = None  # peft modules_to_save copies take the original's converted value
 
     @property
     def module(self) -> nn.Module:
@@ -478,8 +481,6 @@ class CheckpointNames:
                 kind = "int8"
             tgt = Target(name, holders, kind, is_buf, transpose=kind != "plain" and getattr(m, "source_cls", None) is not None
                          and m.source_cls.__name__ == "Conv1D")
-            if out:
-                tgt.derived_from = out[0]
             out.append(tgt)
         return out
 
@@ -727,18 +728,34 @@ def _install(tgt: Target, kept: torch.Tensor, qs, spec: QuantSpec) -> None:
 
 def _init_buffers(base: nn.Module, device: torch.device) -> None:
     """Non-persistent buffers (rotary inv_freq) are not in checkpoints and meta init leaves them empty: allocate them
-    on `device` and let the model's own _init_weights compute them, as from_pretrained does."""
+    on `device` and let the model's own _init_weights compute them, as from_pretrained does. Buffers start as NaN so
+    a transformers version whose _init_weights does not cover them is caught; then the module is rebuilt from the
+    config on the CPU and its freshly computed buffers are copied."""
     for name, module in base.named_modules():
         metas = [a for a, b in module._buffers.items() if b is not None and b.is_meta]
         if not metas:
             continue
-        if any(p is not None for p in module._parameters.values()) or not hasattr(base, "_init_weights"):
-            raise ModelError(f"buffer(s) {', '.join(f'{name}.{a}' for a in metas)} are neither in the checkpoint nor "
-                             "computable; this architecture cannot be streamed, use parallel.strategy=none")
+        where = ", ".join(f"{name}.{a}" for a in metas)
+        if any(p is not None for p in module._parameters.values()):
+            raise ModelError(f"buffer(s) {where} are neither in the checkpoint nor computable; this architecture "
+                             "cannot be streamed, use parallel.strategy=none")
         for a in metas:
-            module._buffers[a] = torch.empty_like(module._buffers[a], device=device)
-        with torch.no_grad():
-            base._init_weights(module)
+            b = module._buffers[a]
+            module._buffers[a] = torch.full(b.shape, float("nan"), dtype=b.dtype, device=device) \
+                if b.dtype.is_floating_point else torch.zeros(b.shape, dtype=b.dtype, device=device)
+        if hasattr(base, "_init_weights"):
+            with torch.no_grad():
+                base._init_weights(module)
+        if all(not module._buffers[a].dtype.is_floating_point or not module._buffers[a].isnan().any() for a in metas):
+            continue
+        try:
+            with torch.device("cpu"):
+                fresh = type(module)(config=getattr(module, "config", None) or base.config)
+        except Exception as e:  # the constructor takes something else: say so rather than train on garbage
+            raise ModelError(f"buffer(s) {where} could not be initialised ({type(e).__name__}); this architecture "
+                             "cannot be streamed, use parallel.strategy=none") from None
+        for a in metas:
+            module._buffers[a] = fresh._buffers[a].to(device=device, dtype=module._buffers[a].dtype)
 
 
 def _dist_rank_world() -> tuple[int, int]:

@@ -241,3 +241,14 @@ def test_random_init_builds_a_runnable_4bit_model_from_config_only(tiny_model, t
     assert a.load_report.tensors == n_entries
     with torch.no_grad():
         assert torch.isfinite(a(input_ids=PROBE).logits).all()
+
+
+def test_rotary_buffers_rebuilt_when_init_weights_skips_them(tiny_model, monkeypatch):
+    """transformers versions differ in what _init_weights covers; a buffer it leaves alone must not stay garbage."""
+    from transformers.models.llama.modeling_llama import LlamaPreTrainedModel
+    d = tiny_model("llama")
+    ref = build_model(_cfg(d, "qlora"), d, CPU, torch.float32)
+    monkeypatch.setattr(LlamaPreTrainedModel, "_init_weights", lambda self, module: None)
+    got = build_streamed_model(_cfg(d, "qlora"), d, CPU, torch.float32)
+    rb, gb = dict(ref.named_buffers()), dict(got.named_buffers())
+    assert rb.keys() == gb.keys() and all(torch.equal(rb[k], gb[k]) for k in rb)

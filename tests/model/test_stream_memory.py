@@ -36,6 +36,12 @@ def wide(tmp_path_factory, load_bench):
     return d, info["bytes"]
 
 
+# Every tensor is compared except four of the seven quantized linears: whole-tensor quantization on the CPU is slow
+# and the tiny-model tests already compare every layer; k/o_proj and down_proj cover both shapes and shard splits.
+UNCHECKED = {f"model.layers.0.{n}.weight" for n in ("self_attn.q_proj", "self_attn.v_proj", "mlp.gate_proj",
+                                                      "mlp.up_proj")}
+
+
 def _sha1(t: torch.Tensor) -> str:
     t = t.detach().contiguous()
     return hashlib.sha1(t.view(torch.uint8).numpy().tobytes()).hexdigest() if t.numel() else "empty"
@@ -55,6 +61,8 @@ def _expected(ckpt_dir: Path) -> dict:
     try:
         for f in sorted(ckpt_dir.glob("*.safetensors")):
             for name, full in load_file(str(f)).items():
+                if name in UNCHECKED:
+                    continue
                 tensors = {name: full}
                 if name.endswith("_proj.weight"):
                     packed, qs = F.quantize_4bit(full, blocksize=64, compress_statistics=True, quant_type="nf4",
@@ -107,7 +115,7 @@ def _check_rank(res: dict, ckpt_bytes: int, want: dict) -> None:
     rep = res["report"]
     assert rep["bytes_read"] == ckpt_bytes and rep["tensors"] == 12 and rep["skipped_keys"] == []
     got = {n: v["sha1"] for n, v in res["digests"].items()}
-    assert set(want) <= set(got), set(want) - set(got)
+    assert len(want) >= 8 and set(want) <= set(got), set(want) - set(got)
     bad = [n for n in want if got[n] != want[n]]
     assert not bad, f"rank {res['rank']}: loaded bytes differ from the reference for {bad}"
 
