@@ -119,12 +119,16 @@ def main() -> None:
             shard = lambda m: shard_model(m, config(tiny), mesh, torch.float32)  # noqa: E731
         m = build_streamed_model(config(tiny), Path(tiny), cpu, torch.float32, place=place, shard=shard)
         ids = torch.arange(3, 3 + 2 * 24).reshape(2, 24) % 300
-        with torch.no_grad():
-            logits = m(input_ids=ids).logits
-        trainable = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach()
+        trainable = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
                      for n, p in m.named_parameters() if p.requires_grad}
+        m.eval()  # no LoRA dropout; autograd still on: the adapters must get the reference gradients
+        logits = m(input_ids=ids).logits
+        logits.float().pow(2).mean().backward()
+        grads = {n: (p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad).detach()
+                 for n, p in m.named_parameters() if p.requires_grad and p.grad is not None}
         if rank == 0:
-            torch.save({"ids": ids, "logits": logits, "trainable": trainable}, str(out_path) + ".tiny.pt")
+            torch.save({"ids": ids, "logits": logits.detach(), "trainable": trainable, "grads": grads},
+                       str(out_path) + ".tiny.pt")
     Path(f"{out_path}.rank{rank}.json").write_text(json.dumps(result))
     if world > 1:
         import torch.distributed as dist

@@ -139,7 +139,8 @@ def test_two_rank_fsdp_qlora_load_each_rank_below_half(runs):
 
 
 def test_two_rank_tiny_model_matches_from_pretrained(runs):
-    """A model that only ever held slices computes what from_pretrained's model computes, with the same LoRA init."""
+    """A model that only ever held slices computes what from_pretrained's model computes, with the same LoRA init,
+    and its adapters get the same gradients."""
     assert runs["rc"]["two"] == 0, runs["logs"]["two"][-4000:]
     from shardtune.model.load import build_model
     saved = torch.load(str(runs["dir"] / "two") + ".tiny.pt")
@@ -148,8 +149,15 @@ def test_two_rank_tiny_model_matches_from_pretrained(runs):
     torch.manual_seed(0)
     ref = build_model(cfg, runs["tiny"], torch.device("cpu"), torch.float32)
     ref.eval()
-    with torch.no_grad():
-        assert torch.equal(ref(input_ids=saved["ids"]).logits, saved["logits"])
-    trainable = {n: p.detach() for n, p in ref.named_parameters() if p.requires_grad}
+    trainable = {n: p.detach().clone() for n, p in ref.named_parameters() if p.requires_grad}
     assert trainable.keys() == saved["trainable"].keys()
     assert all(torch.equal(trainable[n], saved["trainable"][n]) for n in trainable)
+    logits = ref(input_ids=saved["ids"]).logits
+    assert torch.equal(logits.detach(), saved["logits"])
+    logits.float().pow(2).mean().backward()
+    # both ranks saw the same batch, so FSDP's averaged gradient is the one-process gradient (up to summation order)
+    grads = {n: p.grad for n, p in ref.named_parameters() if p.requires_grad}
+    assert saved["grads"].keys() == grads.keys()
+    assert sum(g.abs().sum() for g in grads.values()) > 0
+    for n, g in grads.items():
+        torch.testing.assert_close(saved["grads"][n], g, rtol=1e-5, atol=1e-7, msg=n)
