@@ -22,7 +22,8 @@ NESTED_BLOCKSIZE = 256  # bitsandbytes' blocksize for the double-quantized absma
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How linear weights are stored on load: 'nf4' / 'fp4' (4-bit, QLoRA), 'int8' (LLM.int8) or None (not quantized)."""
+    """How linear weights are stored on load: 'nf4' / 'fp4' (4-bit, QLoRA), 'int8' (LLM.int8) or None (not
+    quantized)."""
 
     kind: Optional[str]
     double_quant: bool = True

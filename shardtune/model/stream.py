@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import struct
 import threading
@@ -39,7 +38,8 @@ CPU_CHUNK_BYTES = 8 << 20
 SAFE_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "BOOL": torch.bool, "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
 }
 
 # place(name, module, param_name, value, quant_state) -> tensor this rank keeps (plain or DTensor), or None when the
@@ -232,8 +232,9 @@ def _replace_linears(model: nn.Module, spec: QuantSpec, qc) -> int:
         has_bias = old.bias is not None
         with torch.device("meta"):
             if spec.is_4bit:
-                new = bnb.nn.Linear4bit(in_f, out_f, has_bias, spec.compute_dtype, compress_statistics=spec.double_quant,
-                                        quant_type=spec.kind, quant_storage=spec.storage)
+                new = bnb.nn.Linear4bit(in_f, out_f, has_bias, spec.compute_dtype,
+                                        compress_statistics=spec.double_quant, quant_type=spec.kind,
+                                        quant_storage=spec.storage)
                 # The packed shape already: a sharding engine must shard the storage that will exist, not [out, in].
                 new.weight = bnb.nn.Params4bit(
                     torch.empty(packed_4bit_shape(in_f * out_f, spec.storage), dtype=spec.storage), requires_grad=False,
@@ -253,7 +254,8 @@ def _replace_linears(model: nn.Module, spec: QuantSpec, qc) -> int:
 
 
 def _mark_quantized(model: nn.Module, qc) -> None:
-    """The attributes from_pretrained's bitsandbytes quantizer leaves on the model (peft and save_pretrained read them)."""
+    """The attributes from_pretrained's bitsandbytes quantizer leaves on the model (peft and save_pretrained read
+    them)."""
     from transformers.modeling_utils import PreTrainedModel
     from transformers.quantizers import AutoHfQuantizer
     model.is_quantized = True
@@ -279,7 +281,8 @@ def build_skeleton(cfg, model_dir: Path, dtype: torch.dtype) -> nn.Module:
     hf_cfg = AutoConfig.from_pretrained(str(model_dir), trust_remote_code=cfg.model.trust_remote_code)
     load_dtype = torch.float32 if cfg.train.method == "full" else dtype
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=load_dtype, attn_implementation=cfg.model.attn_implementation,
+        model = AutoModelForCausalLM.from_config(hf_cfg, dtype=load_dtype,
+                                                 attn_implementation=cfg.model.attn_implementation,
                                                  trust_remote_code=cfg.model.trust_remote_code)
     qc = quantization_config(cfg, dtype)
     if qc is not None:
@@ -287,7 +290,8 @@ def build_skeleton(cfg, model_dir: Path, dtype: torch.dtype) -> nn.Module:
             import bitsandbytes  # noqa: F401
         except ImportError:
             from shardtune.errors import EnvironmentProblem
-            raise EnvironmentProblem(f"train.method={cfg.train.method} needs bitsandbytes; pip install bitsandbytes") from None
+            raise EnvironmentProblem(f"train.method={cfg.train.method} needs bitsandbytes; "
+                                     "pip install bitsandbytes") from None
         _replace_linears(model, quant_spec(cfg, dtype), qc)
         _mark_quantized(model, qc)
     model.name_or_path = str(model_dir)
@@ -307,8 +311,9 @@ def _placeholder(p: torch.Tensor, device: torch.device) -> nn.Parameter:
     import bitsandbytes as bnb
     empty = torch.empty(0, dtype=p.dtype, device=device)
     if isinstance(p, bnb.nn.Params4bit):
-        return bnb.nn.Params4bit(empty, requires_grad=False, blocksize=p.blocksize, compress_statistics=p.compress_statistics,
-                                 quant_type=p.quant_type, quant_storage=p.quant_storage, module=p.module, bnb_quantized=True)
+        return bnb.nn.Params4bit(empty, requires_grad=False, blocksize=p.blocksize,
+                                 compress_statistics=p.compress_statistics, quant_type=p.quant_type,
+                                 quant_storage=p.quant_storage, module=p.module, bnb_quantized=True)
     if isinstance(p, bnb.nn.Int8Params):
         return bnb.nn.Int8Params(empty, requires_grad=False, has_fp16_weights=p.has_fp16_weights)
     return nn.Parameter(empty, requires_grad=p.requires_grad)
@@ -407,7 +412,6 @@ class CheckpointNames:
         self.renamings, self.converters = _weight_renamings(self.base)
         self._holders: dict[int, list[tuple[nn.Module, str, str]]] = {}
         self._objects: dict[int, torch.Tensor] = {}  # keeps the original tensors alive so their ids stay unique
-        self._names: dict[str, tuple[nn.Module, str, bool]] = {}
         for mname, module in self.base.named_modules(remove_duplicate=False):
             for store, is_buf in ((module._parameters, False), (module._buffers, True)):
                 for a, t in store.items():
@@ -479,9 +483,8 @@ class CheckpointNames:
                 kind = "4bit"
             elif attr == "weight" and isinstance(m, self._bnb8):
                 kind = "int8"
-            tgt = Target(name, holders, kind, is_buf, transpose=kind != "plain" and getattr(m, "source_cls", None) is not None
-                         and m.source_cls.__name__ == "Conv1D")
-            out.append(tgt)
+            conv1d = getattr(getattr(m, "source_cls", None), "__name__", "") == "Conv1D"
+            out.append(Target(name, holders, kind, is_buf, transpose=kind != "plain" and conv1d))
         return out
 
     def unfilled(self) -> list[str]:
@@ -527,8 +530,8 @@ class LoadReport:
         gb = 1e9
         mbps = self.bytes_read / max(self.seconds, 1e-9) / 1e6
         gpu = f", GPU peak {self.peak_gpu_bytes / gb:.2f} GB" if self.peak_gpu_bytes is not None else ""
-        return (f"load rank {self.rank}/{self.world_size}: {self.tensors} tensors, {self.bytes_read / gb:.2f} GB read in "
-                f"{self.seconds:.1f} s ({mbps:.0f} MB/s), peak CPU RSS {self.peak_rss_bytes / gb:.2f} GB "
+        return (f"load rank {self.rank}/{self.world_size}: {self.tensors} tensors, {self.bytes_read / gb:.2f} GB read "
+                f"in {self.seconds:.1f} s ({mbps:.0f} MB/s), peak CPU RSS {self.peak_rss_bytes / gb:.2f} GB "
                 f"(+{self.rss_growth_bytes / gb:.2f} GB){gpu}, kept {self.kept_bytes / gb:.3f} GB on {self.device}")
 
     def to_dict(self) -> dict:

@@ -8,7 +8,8 @@ import torch
 
 bnbF = pytest.importorskip("bitsandbytes.functional")
 
-from shardtune.model.quantize import Chunked4bit, ChunkedInt8, QuantSpec, packed_4bit_shape, rows_per_chunk  # noqa: E402
+from shardtune.model.quantize import (Chunked4bit, ChunkedInt8, QuantSpec, packed_4bit_shape,  # noqa: E402
+                                      rows_per_chunk)
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:

@@ -55,7 +55,8 @@ def assert_same_model(ref, got):
     rp, gp = dict(ref.named_parameters()), dict(got.named_parameters())
     assert list(rp) == list(gp)
     for n in rp:
-        assert type(rp[n]) is type(gp[n]) and rp[n].dtype == gp[n].dtype and rp[n].requires_grad == gp[n].requires_grad, n
+        assert type(rp[n]) is type(gp[n]) and rp[n].dtype == gp[n].dtype, n
+        assert rp[n].requires_grad == gp[n].requires_grad, n
     rs, gs = ref.state_dict(), got.state_dict()  # includes bnb's quant state (absmax, quant_map, nested_*, packed dict)
     assert list(rs) == list(gs)
     for k in rs:
