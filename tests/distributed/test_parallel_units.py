@@ -155,9 +155,13 @@ def test_first_slurm_host(nodes, first):
 
 
 def test_slurm_env_feeds_torch_rendezvous(monkeypatch):
+    import os
     from shardtune.parallel import launch
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        monkeypatch.delenv(k, raising=False)
+    # _env_from_slurm writes os.environ directly: give it a private copy, or RANK/WORLD_SIZE would leak into every
+    # later test of this process and make one-process runs wait for 7 missing ranks
+    keep = {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    monkeypatch.setattr(os, "environ", keep)
     monkeypatch.setenv("SLURM_PROCID", "5")
     monkeypatch.setenv("SLURM_NTASKS", "8")
     monkeypatch.setenv("SLURM_LOCALID", "1")
