@@ -104,8 +104,10 @@ def write_config_dir(shape: str, out: Path) -> Path:
     out = Path(out)
     if (out / "config.json").exists():
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    llama_config(shape).save_pretrained(out)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    llama_config(shape).save_pretrained(tmp)
     from shardtune.model.tiny import build_tokenizer
-    build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(out)
+    build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(tmp)
+    os.replace(tmp, out)  # other ranks wait for the directory to appear complete
     return out

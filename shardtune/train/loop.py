@@ -136,6 +136,12 @@ class Trainer:
         torch.manual_seed(t.seed)
         self.engine = make_engine(cfg, self.dist, self.device, self.dtype)
         model = self.engine.build_model(self.model_dir)
+        report = getattr(model, "load_report", None)
+        if report is not None:
+            from shardtune.model.stream import gather_load_reports
+            reports = gather_load_reports(report) if self.dist.world_size > 1 else [report]
+            for r in reports:
+                self.say("load: " + r.format())
         trainable, total = trainable_summary(model)
         from shardtune.model.kernels import apply_kernels
         self.kernels = apply_kernels(model, t.kernels, self.device)
