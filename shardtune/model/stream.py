@@ -865,7 +865,31 @@ def fsdp_place(device: Optional[torch.device] = None) -> PlaceFn:
         return DTensor.from_local(local, cur.device_mesh, cur.placements, run_check=False, shape=cur.shape,
                                   stride=cur.stride())
 
+    place.device = device  # build_streamed_model moves what was not streamed (LoRA weights) to the same device
     return place
+
+
+def _rehome_params(model: nn.Module, device: torch.device) -> int:
+    """Move every parameter not on `device` there (the LoRA weights, created on the compute device before the
+    weights were streamed in, when FSDP offloads parameters to the CPU). Before FSDP2's lazy init this is safe:
+    it re-reads each parameter's local tensor then. Returns how many were moved."""
+    from torch.distributed.tensor import DTensor
+    moved = 0
+    for mod in model.modules():
+        for pname, p in list(mod._parameters.items()):
+            if p is None:
+                continue
+            local = p.to_local() if isinstance(p, DTensor) else p.data
+            if local.device == device or local.device.type == "meta":
+                continue
+            if isinstance(p, DTensor):
+                new = DTensor.from_local(local.to(device), p.device_mesh, p.placements, run_check=False,
+                                         shape=p.shape, stride=p.stride())
+            else:
+                new = local.to(device)
+            mod._parameters[pname] = nn.Parameter(new, requires_grad=p.requires_grad)
+            moved += 1
+    return moved
 
 
 # ------------------------------------------------------------------------------------------------ one call
@@ -896,5 +920,8 @@ def build_streamed_model(cfg, model_dir: Path, device: torch.device, dtype: torc
         wrapped = shard(model)
         model = wrapped if wrapped is not None else model
     report = materialize(model, model_dir, cfg, device, dtype, place=place, chunk_bytes=chunk_bytes, entries=entries)
+    home = getattr(place, "device", None)
+    if home is not None and torch.device(home) != device:
+        _rehome_params(model, torch.device(home))
     model.load_report = report
     return model
