@@ -9,8 +9,8 @@ from shardtune.model.stream import _rehome_params, fsdp_place
 
 def test_rehome_moves_only_params_elsewhere():
     m = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.Linear(2, 1))
-    with torch.no_grad():
-        m[1].weight.data = m[1].weight.data.to("meta")  # already "home" (stands in for the offload device)
+    # already "home" (the meta device stands in for the offload device)
+    m[1].weight = torch.nn.Parameter(torch.empty(1, 2, device="meta"))
     moved = _rehome_params(m, torch.device("meta"))
     assert moved == 3  # weight+bias of the first layer, bias of the second
     assert all(p.device.type == "meta" for p in m.parameters())
