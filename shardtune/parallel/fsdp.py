@@ -83,6 +83,8 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
     `cfg` supplies parallel.zero_stage, parallel.offload_param and parallel.offload_optimizer."""
     from shardtune.parallel.quant4 import make_shardable
     fully_shard, _, CPUOffloadPolicy, OffloadPolicy = _fsdp_api()
+    if _is_fsdp_module(model):  # already sharded (e.g. by build_model before the loop calls setup)
+        return model
     if mesh is None:
         from torch.distributed.device_mesh import init_device_mesh
         import torch.distributed as dist
@@ -111,6 +113,14 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
     return model
 
 
+def _is_fsdp_module(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        from torch.distributed._composable.fsdp import FSDPModule
+    return isinstance(model, FSDPModule)
+
+
 def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
     """Copy this rank's piece of the full tensor `full` into `param` (a sharded DTensor parameter or a plain one)."""
     with torch.no_grad():
@@ -134,15 +144,32 @@ def _is_dtensor(t) -> bool:
 
 class FSDPEngine(Engine):
     name = "fsdp"
+    mesh = None
+
+    def _mesh(self):
+        if self.mesh is None:
+            from torch.distributed.device_mesh import init_device_mesh
+            self.mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
+        return self.mesh
+
+    def build_model(self, model_dir: Path) -> nn.Module:
+        """Meta skeleton + LoRA, sharded while still on the meta device, then only this rank's shards streamed in
+        from the checkpoint and quantized on the device (shardtune.model.stream): no rank ever holds the full model.
+        The result equals the eager path's (tests/distributed compares trajectories with the one-process run)."""
+        from shardtune.model.stream import build_streamed_model, fsdp_place
+        p = self.cfg.parallel
+        place_on = torch.device("cpu") if (p.offload_param or p.offload_optimizer) else self.device
+        mesh, cfg, dtype = self._mesh(), self.cfg, self.compute_dtype
+        return build_streamed_model(cfg, model_dir, self.device, dtype, place=fsdp_place(place_on),
+                                    shard=lambda m: shard_model(m, cfg, mesh, dtype),
+                                    random_init=cfg.model.random_init)
 
     def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
-        from torch.distributed.device_mesh import init_device_mesh
         if self.cfg.train.optimizer != "adamw":
             # bitsandbytes' 8-bit optimizers index raw tensors; FSDP2's parameters are DTensors
             raise ConfigError(f"train.optimizer={self.cfg.train.optimizer} does not work on FSDP2's sharded "
                               "parameters; use train.optimizer=adamw (the optimizer state is sharded anyway)")
-        self.mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
-        shard_model(model, self.cfg, self.mesh, self.compute_dtype)
+        shard_model(model, self.cfg, self._mesh(), self.compute_dtype)
         self.model = model
         self.params = [p for p in model.parameters() if p.requires_grad]
         p = self.cfg.parallel

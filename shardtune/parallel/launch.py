@@ -43,9 +43,9 @@ def _first_slurm_host(nodelist: str) -> str:
     return prefix + ranges.split(",")[0].split("-")[0]
 
 
-def _env_from_slurm() -> None:
-    """Export what torch's env:// rendezvous needs from srun's variables (one task per GPU)."""
-    env = os.environ
+def _env_from_slurm(env=None) -> None:
+    """Export what torch's env:// rendezvous needs from srun's variables (one task per GPU) into `env` (os.environ)."""
+    env = os.environ if env is None else env
     env.setdefault("RANK", env["SLURM_PROCID"])
     env.setdefault("WORLD_SIZE", env["SLURM_NTASKS"])
     env.setdefault("LOCAL_RANK", env.get("SLURM_LOCALID", "0"))

@@ -135,7 +135,9 @@ class _Matmul4bit(torch.autograd.Function):
     def forward(ctx, x, module):
         ctx.module = module
         w, qs = module.packed_and_state(x.device)
-        return bnb.matmul_4bit(x, w, quant_state=qs)
+        # dequantize + linear is what bitsandbytes' gemm_4bit does for training-sized inputs; spelled out here because
+        # matmul_4bit's reading of the weight's orientation changed across bitsandbytes versions (0.46 -> 0.50)
+        return torch.nn.functional.linear(x, bnbF.dequantize_4bit(w.reshape(-1, 1), qs).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):

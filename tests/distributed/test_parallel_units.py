@@ -154,23 +154,16 @@ def test_first_slurm_host(nodes, first):
     assert _first_slurm_host(nodes) == first
 
 
-def test_slurm_env_feeds_torch_rendezvous(monkeypatch):
-    import os
+def test_slurm_env_feeds_torch_rendezvous():
     from shardtune.parallel import launch
-    # _env_from_slurm writes os.environ directly: give it a private copy, or RANK/WORLD_SIZE would leak into every
-    # later test of this process and make one-process runs wait for 7 missing ranks
-    keep = {k: v for k, v in os.environ.items()
-            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
-    monkeypatch.setattr(os, "environ", keep)
-    monkeypatch.setenv("SLURM_PROCID", "5")
-    monkeypatch.setenv("SLURM_NTASKS", "8")
-    monkeypatch.setenv("SLURM_LOCALID", "1")
-    monkeypatch.setenv("SLURM_JOB_NODELIST", "gpu[12-13]")
-    monkeypatch.setenv("SLURM_JOB_ID", "4242")
-    launch._env_from_slurm()
-    import os
-    assert (os.environ["RANK"], os.environ["WORLD_SIZE"], os.environ["LOCAL_RANK"]) == ("5", "8", "1")
-    assert os.environ["MASTER_ADDR"] == "gpu12" and os.environ["MASTER_PORT"] == str(20000 + 4242)
+    env = {"SLURM_PROCID": "5", "SLURM_NTASKS": "8", "SLURM_LOCALID": "1", "SLURM_JOB_NODELIST": "gpu[12-13]",
+           "SLURM_JOB_ID": "4242"}
+    launch._env_from_slurm(env)
+    assert (env["RANK"], env["WORLD_SIZE"], env["LOCAL_RANK"]) == ("5", "8", "1")
+    assert env["MASTER_ADDR"] == "gpu12" and env["MASTER_PORT"] == str(20000 + 4242)
+    env2 = {**env, "MASTER_ADDR": "head", "MASTER_PORT": "1"}
+    launch._env_from_slurm(env2)  # what the user exported wins
+    assert env2["MASTER_ADDR"] == "head" and env2["MASTER_PORT"] == "1"
 
 
 def test_relaunch_builds_the_torchrun_command(monkeypatch):

@@ -212,7 +212,7 @@ def _logits(model_dir, adapter_dir, method, ids):
         return m(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("name", ["fsdp-qlora", "ds3-qlora", "ds2-lora", "ddp-lora"])
+@pytest.mark.parametrize("name", ["fsdp-qlora", "ds3-qlora", "ds3-offload-qlora", "ds2-lora", "ddp-lora"])
 def test_adapter_loads_in_peft_and_matches_one_process(name, two_rank, reference, setup_paths):
     from safetensors.torch import load_file
     model_dir = setup_paths[0]
