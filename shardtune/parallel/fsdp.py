@@ -104,7 +104,9 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
     # Tied weights must stay in one unit, so they are left to the root.
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    tied = emb is not None and head is not None and emb.weight is head.weight
+    # (identity over all their parameters: peft's modules_to_save wrapper around a tied lm_head keeps the tied original)
+    tied = emb is not None and head is not None and bool(
+        {id(q) for q in emb.parameters()} & {id(q) for q in head.parameters()})
     if not tied:
         for m in (emb, head):
             if m is not None and any(True for _ in m.parameters()):
