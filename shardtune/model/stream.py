@@ -862,11 +862,23 @@ def fsdp_place(device: Optional[torch.device] = None) -> PlaceFn:
         local = local_chunk(value, cur.device_mesh, cur.placements)
         if device is not None:
             local = local.to(device)
-        return DTensor.from_local(local, cur.device_mesh, cur.placements, run_check=False, shape=cur.shape,
-                                  stride=cur.stride())
+        return _dtensor_like(cur, local)
 
     place.device = device  # build_streamed_model moves what was not streamed (LoRA weights) to the same device
     return place
+
+
+def _dtensor_like(cur, local: torch.Tensor):
+    """A DTensor with `cur`'s mesh, placements and global shape around `local`, on `local`'s device.
+    DTensor.from_local would move a CPU shard back to a CUDA mesh's device, which breaks FSDP CPU offload."""
+    from torch.distributed.tensor import DTensor
+    if local.device.type == cur.device_mesh.device_type or local.is_meta:
+        return DTensor.from_local(local, cur.device_mesh, cur.placements, run_check=False, shape=cur.shape,
+                                  stride=cur.stride())
+    from torch.distributed.tensor._dtensor_spec import DTensorSpec, TensorMeta
+    spec = DTensorSpec(cur.device_mesh, tuple(cur.placements),
+                       tensor_meta=TensorMeta(cur.shape, cur.stride(), local.dtype))
+    return DTensor(local, spec, requires_grad=False)
 
 
 def _rehome_params(model: nn.Module, device: torch.device) -> int:
@@ -883,8 +895,7 @@ def _rehome_params(model: nn.Module, device: torch.device) -> int:
             if local.device == device or local.device.type == "meta":
                 continue
             if isinstance(p, DTensor):
-                new = DTensor.from_local(local.to(device), p.device_mesh, p.placements, run_check=False,
-                                         shape=p.shape, stride=p.stride())
+                new = _dtensor_like(p, local.to(device))
             else:
                 new = local.to(device)
             mod._parameters[pname] = nn.Parameter(new, requires_grad=p.requires_grad)
