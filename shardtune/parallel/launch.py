@@ -75,7 +75,9 @@ def init_distributed(dist: DistInfo, device: torch.device, timeout_min: float = 
     os.environ.setdefault("RANK", str(dist.rank))
     os.environ.setdefault("WORLD_SIZE", str(dist.world_size))
     os.environ.setdefault("LOCAL_RANK", str(dist.local_rank))
-    kw = dict(backend=backend_for(device), rank=dist.rank, world_size=dist.world_size,
+    # On GPUs, gloo beside NCCL serves collectives on CPU tensors (FSDP CPU offload gathers the adapter from CPU shards)
+    backend = "cuda:nccl,cpu:gloo" if device.type == "cuda" else backend_for(device)
+    kw = dict(backend=backend, rank=dist.rank, world_size=dist.world_size,
               timeout=datetime.timedelta(minutes=timeout_min))
     if device.type == "cuda":
         kw["device_id"] = device  # binds NCCL to this GPU up front (no guessing from LOCAL_RANK)
@@ -97,7 +99,7 @@ def init_deepspeed_comm(device: torch.device) -> None:
                                      "set-up needs updating (or set SHARDTUNE_DS_SHM=1 to let it compile the op)")
         ops["deepspeed_shm_comm"] = False
     if tdist.is_initialized():
-        deepspeed.init_distributed(dist_backend=tdist.get_backend())
+        deepspeed.init_distributed(dist_backend=backend_for(device))
     else:
         deepspeed.init_distributed(dist_backend=backend_for(device))
 
