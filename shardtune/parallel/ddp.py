@@ -19,6 +19,9 @@ class DDPEngine(Engine):
 
     def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
+
+        from shardtune.parallel.fsdp import refuse_deepspeed_json
+        refuse_deepspeed_json(self.cfg, self.name)
         self.inner = model
         ids = [self.device.index] if self.device.type == "cuda" else None
         # frozen 4-bit storage is identical on every rank (same checkpoint, same quantization); only trainable

@@ -140,6 +140,13 @@ def copy_full_into(param: torch.Tensor, full: torch.Tensor) -> None:
             param.copy_(full.reshape(param.shape))
 
 
+def refuse_deepspeed_json(cfg, strategy: str) -> None:
+    """A DeepSpeed JSON under another engine would be silently ignored."""
+    if cfg.parallel.deepspeed_config:
+        raise ConfigError(f"parallel.deepspeed_config={cfg.parallel.deepspeed_config} is set but the run uses "
+                          f"parallel.strategy={strategy}; set parallel.strategy=deepspeed, or drop the JSON")
+
+
 def _is_dtensor(t) -> bool:
     return hasattr(t, "to_local") and hasattr(t, "full_tensor")
 
@@ -159,6 +166,7 @@ class FSDPEngine(Engine):
         from the checkpoint and quantized on the device (shardtune.model.stream): no rank ever holds the full model.
         The result equals the eager path's (tests/distributed compares trajectories with the one-process run)."""
         from shardtune.model.stream import build_streamed_model, fsdp_place
+        refuse_deepspeed_json(self.cfg, self.name)
         p = self.cfg.parallel
         place_on = torch.device("cpu") if (p.offload_param or p.offload_optimizer) else self.device
         mesh, cfg, dtype = self._mesh(), self.cfg, self.compute_dtype
@@ -167,6 +175,7 @@ class FSDPEngine(Engine):
                                     random_init=cfg.model.random_init)
 
     def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
+        refuse_deepspeed_json(self.cfg, self.name)
         if self.cfg.train.optimizer != "adamw":
             # bitsandbytes' 8-bit optimizers index raw tensors; FSDP2's parameters are DTensors
             raise ConfigError(f"train.optimizer={self.cfg.train.optimizer} does not work on FSDP2's sharded "

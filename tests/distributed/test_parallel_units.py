@@ -305,3 +305,15 @@ def test_unpack_handles_a_blob_at_an_odd_offset():
     a, b = m.layout.unpack(blob, m._codes["cpu"]), m.layout.unpack(shifted, m._codes["cpu"])
     assert torch.equal(a.absmax, b.absmax) and torch.equal(a.state2.absmax, b.state2.absmax)
     assert float(a.offset) == float(b.offset)
+
+
+@pytest.mark.parametrize("engine", ["fsdp", "ddp"])
+def test_a_deepspeed_json_under_another_engine_is_refused(engine, tmp_path):
+    from shardtune.parallel.base import DistInfo
+    from shardtune.parallel.ddp import DDPEngine
+    from shardtune.parallel.fsdp import FSDPEngine
+    cls = FSDPEngine if engine == "fsdp" else DDPEngine
+    cfg = _cfg(f"parallel.deepspeed_config={_write(tmp_path, {})}", f"parallel.strategy={engine}")
+    eng = cls(cfg, DistInfo(0, 2, 0), torch.device("cpu"), torch.float32)
+    with pytest.raises(ConfigError, match=f"parallel.strategy={engine}; set parallel.strategy=deepspeed"):
+        eng.setup(torch.nn.Linear(2, 2), 1)
