@@ -104,6 +104,43 @@ def records_from_bench(d: dict, source: str = "") -> list[Record]:
     return out
 
 
+def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
+    """One record from a bench/dist_bench.py result ({"args": {...}, "world", "ranks": [...], "tokens_per_s"}).
+
+    Per-GPU peaks are the maximum over ranks. `--offload` sets both offload_optimizer and offload_param; `--cap` GB
+    (1e9 bytes) becomes the per-process cap of the hardware string. dist_bench uses kernels=auto (Liger on CUDA);
+    only the single-process run (strategy none) takes Liger's fused linear cross-entropy; fsdp/deepspeed compute
+    the loss over full logits."""
+    a = d.get("args", {})
+    model = BENCH_SHAPES.get(a.get("shape", ""))
+    if model is None:
+        return []
+    world = int(d.get("world", 1))
+    gpu = find_gpu(d.get("gpu", "")) if d.get("gpu") else None
+    gpus = f"{world}x{gpu.name if gpu else 'H100'}"
+    if a.get("cap"):
+        gpus += f"@{float(a['cap']) * 1e9 / 2 ** 30:.3f}GB"
+    strategy = d.get("strategy") or a.get("strategy", "none")
+    liger = bool(a.get("liger", 1))
+    offload = bool(a.get("offload", False))
+    setup = TrainSetup(
+        method=a.get("method", "qlora"), strategy=strategy, zero_stage=int(a.get("zero_stage", 3)),
+        offload_optimizer=offload, offload_param=offload, world_size=world, gpus_per_node=world,
+        micro_batch=int(a.get("mb", 1)), seq_len=int(a.get("seq", 2048)), grad_accum=int(a.get("accum", 1)),
+        grad_ckpt=bool(a.get("ckpt", 1)), precision=a.get("precision", "bf16"), lora_rank=16, lora_dropout=0.05,
+        kernels="liger" if liger else "none", fused_loss="liger" if (liger and strategy == "none") else "none")
+    ranks = d.get("ranks") or []
+
+    def peak(key):
+        vals = [r[key] for r in ranks if r.get(key) is not None]
+        return max(vals) * 1e9 if vals else None
+    label = (f"{a['shape']} s{a.get('seq')} mb{a.get('mb')} {world}x {strategy}"
+             f"{' z' + str(a.get('zero_stage')) if strategy != 'none' else ''} ckpt{int(bool(a.get('ckpt', 1)))}"
+             f"{' offload' if offload else ''}{' cap' + str(a['cap']) if a.get('cap') else ''}")
+    return [Record(label=label, model=model, gpus=gpus, setup=setup, peak_allocated=peak("peak_alloc_gb"),
+                   peak_reserved=peak("peak_reserved_gb"), tokens_per_s=d.get("tokens_per_s"), source=source)]
+
+
 def load_records(paths: Iterable[str | Path]) -> list[Record]:
     out: list[Record] = []
     for p in paths:
@@ -112,7 +149,9 @@ def load_records(paths: Iterable[str | Path]) -> list[Record]:
             data = json.loads(p.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise ConfigError(f"calibration file {p} is unreadable ({e})") from None
-        if isinstance(data, dict) and "rows" in data:
+        if isinstance(data, dict) and "ranks" in data and "args" in data:
+            out += records_from_dist_bench(data, str(p))
+        elif isinstance(data, dict) and "rows" in data:
             out += records_from_bench(data, str(p))
         elif isinstance(data, dict) and "records" in data:
             out += [record_from_dict(r, str(p)) for r in data["records"]]
@@ -125,7 +164,8 @@ def load_records(paths: Iterable[str | Path]) -> list[Record]:
 
 def default_paths(root: str | Path = ".") -> list[str]:
     root = Path(root)
-    pats = ["bench/results/calibration*.json", "bench/results/cal_*.json", "bench/results/speed_*.json"]
+    pats = ["bench/results/calibration*.json", "bench/results/cal_*.json", "bench/results/speed_*.json",
+            "bench/results/d*_[0-9]gpu*.json"]
     seen: list[str] = []
     for pat in pats:
         for f in sorted(glob.glob(str(root / pat))):

@@ -470,6 +470,8 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
 
     reserved = (peak_alloc * (1 + c.alloc_frag_frac) + c.alloc_frag_layer_frac * act_layer * tokens
                 + c.alloc_frag_min_bytes)
+    if setup.strategy in ("fsdp", "deepspeed") and N > 1:
+        reserved += c.shard_slack_bytes + c.shard_slack_loss_frac * loss
     gpu["allocator overhead (reserved - allocated)"] = reserved - peak_alloc
     fixed = c.cuda_context_bytes + (c.nccl_bytes if N > 1 else 0)
     gpu["CUDA context + NCCL"] = fixed
