@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 HERE = Path(__file__).resolve().parent
 RTOL = 2e-4
 STEPS = 6
-COMMON = {"train.max_steps": STEPS, "lora.dropout": 0.0, "train.grad_clip": 0.3, "train.log_every": 1,
+COMMON = {"train.max_steps": STEPS, "lora.dropout": 0.0, "train.grad_clip": 0.3, "train.log_every": 1, "train.eval_every": 3,
           "train.warmup_steps": 2, "train.schedule": "linear", "data.max_seq_len": 64}
 ONE_PROC = {"train.micro_batch_size": 8, "train.grad_accum": 1}
 TWO = {"train.micro_batch_size": 4, "train.grad_accum": 1}
@@ -126,7 +126,8 @@ def _reference_runs(model, data, root, out):
         res = tr.run()
         norms = [json.loads(x)["grad_norm"] for x in (d / "metrics.jsonl").read_text().splitlines()
                  if "grad_norm" in x]
-        out[method] = {"losses": res.losses, "grad_norms": norms, "q4": q4, "out": str(d)}
+        out[method] = {"losses": res.losses, "grad_norms": norms, "q4": q4, "out": str(d),
+                       "eval_losses": [list(e) for e in res.eval_losses]}
 
 
 @pytest.fixture(scope="module")
@@ -173,6 +174,9 @@ def test_trajectory_matches_one_process(name, two_rank, reference):
     assert len(r["losses"]) == STEPS and len(ref["losses"]) == STEPS
     assert r["losses"] == pytest.approx(ref["losses"], rel=RTOL), (r["losses"], ref["losses"])
     assert r["grad_norms"] == pytest.approx(ref["grad_norms"], rel=RTOL), (r["grad_norms"], ref["grad_norms"])
+    # held-out loss at steps 0, 3, 6: evaluation forwards run sharded too (every rank must take part)
+    assert [s for s, _ in r["eval_losses"]] == [s for s, _ in ref["eval_losses"]] == [0, 3, 6]
+    assert [v for _, v in r["eval_losses"]] == pytest.approx([v for _, v in ref["eval_losses"]], rel=RTOL)
     # the run actually learned something (so "equal" is not "both did nothing")
     assert ref["losses"][-1] < ref["losses"][0] - 0.05
 
@@ -239,6 +243,7 @@ def test_resume_from_sharded_checkpoint_continues_the_trajectory(name, two_rank)
     assert len(resumed["losses"]) == STEPS - 3
     assert resumed["losses"] == pytest.approx(full["losses"][3:], rel=RTOL)
     assert resumed["grad_norms"] == pytest.approx(full["grad_norms"][3:], rel=RTOL)
+    assert resumed["eval_losses"][-1] == pytest.approx(full["eval_losses"][-1], rel=RTOL)
 
 
 def test_deepspeed_json_with_auto_values_runs_unmodified(two_rank, reference):

@@ -172,6 +172,7 @@ def main() -> None:
                     res["imbalance_error"] = probe_imbalance(tr.engine)
                 r = tr.run()
             res["losses"] = r.losses
+            res["eval_losses"] = [list(e) for e in r.eval_losses]
             res["grad_norms"] = grad_norms(out)
             if "meta" in job.get("probes", []):
                 res["meta"] = probe_meta(cfg, Path(spec["model"]))
