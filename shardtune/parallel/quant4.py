@@ -136,7 +136,7 @@ class _Matmul4bit(torch.autograd.Function):
         ctx.module = module
         w, qs = module.packed_and_state(x.device)
         # dequantize + linear is what bitsandbytes' gemm_4bit does for training-sized inputs; spelled out here because
-        # matmul_4bit's reading of the weight's orientation changed across bitsandbytes versions (0.46 -> 0.50)
+        # matmul_4bit's reading of the weight's orientation differs across releases (older ones take weight.t())
         return torch.nn.functional.linear(x, bnbF.dequantize_4bit(w.reshape(-1, 1), qs).to(x.dtype))
 
     @staticmethod
