@@ -104,12 +104,16 @@ def init_deepspeed_comm(device: torch.device) -> None:
         deepspeed.init_distributed(dist_backend=backend_for(device))
 
 
+DEFAULT_RENDEZVOUS = ("127.0.0.1", 29500)  # the CLI's defaults for --master-addr / --master-port
+
+
 def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
              master_port: int = 29500) -> int:
     """Run `shardtune train <argv>` as nproc x nnodes processes through torchrun; returns torchrun's exit code.
 
     Multi-node passes --nnodes, --node-rank, --master-addr and --master-port (static rendezvous: start the same
-    command on every node with its own --node-rank)."""
+    command on every node with its own --node-rank). One node with the default address and port uses torchrun's
+    --standalone rendezvous (a free port); an explicit --master-port is passed through."""
     if nproc < 1 or nnodes < 1:
         raise ConfigError(f"--nproc {nproc} / --nnodes {nnodes}: both must be >= 1")
     if nnodes > 1 and not 0 <= node_rank < nnodes:
@@ -122,6 +126,9 @@ def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, m
     if nnodes > 1:
         cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", master_addr,
                 "--master-port", str(master_port)]
+    elif (master_addr, master_port) == DEFAULT_RENDEZVOUS:
+        # one node, nothing asked for: a private rendezvous on a free port, so two runs on a machine do not collide
+        cmd += ["--standalone"]
     else:
         cmd += ["--master-addr", master_addr, "--master-port", str(master_port)]
     cmd += ["-m", "shardtune.cli", "train", *strip_launch_args(argv)]

@@ -181,6 +181,10 @@ def test_relaunch_builds_the_torchrun_command(monkeypatch):
     assert cmd[-5:] == ["-m", "shardtune.cli", "train", "cfg.yaml", "lora.rank=4"]
     with pytest.raises(ConfigError, match="node-rank"):
         launch.relaunch([], nproc=2, nnodes=2, node_rank=2)
+    launch.relaunch(["x=1"], nproc=2)  # one node, default address: private rendezvous on a free port
+    assert "--standalone" in seen["cmd"] and "--master-port" not in seen["cmd"]
+    launch.relaunch(["x=1"], nproc=2, master_port=4321)
+    assert "--standalone" not in seen["cmd"] and "4321" in seen["cmd"]
 
 
 # ------------------------------------------------------------------------------------------------ quant4
