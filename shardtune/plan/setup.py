@@ -181,9 +181,11 @@ def resolve_kernels(mode: str, local: bool = True) -> str:
 
 
 def resolve_fused_loss(fused_loss: bool, strategy: str, model_type: str | None, liger: bool | None = None) -> str:
-    """The trainer fuses the loss only on the one-process engine and for plain-projection heads; on CUDA it uses
-    Liger's fused linear cross-entropy whenever liger-kernel is installed (whatever train.kernels says)."""
-    if not fused_loss or strategy != "none" or (model_type is not None and model_type not in FUSABLE_HEADS):
+    """The trainer fuses the loss for plain-projection heads under every engine (the one-process engine by calling
+    the decoder directly, wrapped engines by swapping the output layer's forward); on CUDA it uses Liger's fused
+    linear cross-entropy whenever liger-kernel is installed (whatever train.kernels says). `strategy` is kept for
+    callers; measured records say explicitly which loss path they ran."""
+    if not fused_loss or (model_type is not None and model_type not in FUSABLE_HEADS):
         return "none"
     return "liger" if (liger_installed() if liger is None else liger) else "chunked"
 

@@ -19,7 +19,7 @@ import torch
 
 from shardtune.parallel import dist_info_from_env, make_engine, resolve_strategy
 from shardtune.train import checkpoint as ckpt
-from shardtune.train.loss import can_fuse, fused_loss_sum, logits_loss_sum
+from shardtune.train.loss import can_fuse, fused_loss_sum, head_fused_loss_sum, logits_loss_sum
 from shardtune.train.metrics import MetricsLog, peak_memory_gb, plot_losses
 
 
@@ -146,8 +146,9 @@ class Trainer:
         from shardtune.model.kernels import apply_kernels
         self.kernels = apply_kernels(model, t.kernels, self.device)
         self.model = self.engine.setup(model, self.total_steps)
-        # the fused loss calls the decoder directly; only the one-process engine has no wrapper hooks to bypass
-        self.fused = t.fused_loss and self.engine.name == "none" and can_fuse(self.model)
+        # the fused loss: the one-process engine calls the decoder directly; wrapped engines swap the output
+        # layer's forward for one that returns the loss (their hooks keep running)
+        self.fused = t.fused_loss and can_fuse(self.model)
         self.say(f"kernels: {self.kernels}; loss: {'fused' if self.fused else 'logits'}")
         if self.estimate is not None and cfg.plan.mode != "auto":
             # predict again with the kernels and loss path that actually run
@@ -176,8 +177,10 @@ class Trainer:
                 self.say(f"resume: continuing from {last} (step {self.start_step})")
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
-        if self.fused:
+        if self.fused and self.engine.name == "none":
             return fused_loss_sum(self.model, batch, self.dtype, self.device)
+        if self.fused:
+            return head_fused_loss_sum(self.model, batch, self.dtype, self.device)
         return logits_loss_sum(self.model, batch, self.dtype, self.device)
 
     def _plan(self, cfg):

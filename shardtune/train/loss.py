@@ -6,6 +6,11 @@ an SFT sample never reach the vocabulary projection), and projects + scores them
 linear cross-entropy on CUDA, else chunk by chunk with recomputation, so the [tokens x vocab] fp32 logits (5 GB for
 4096 tokens of a 128k vocabulary) never exist at once. It calls submodules directly, so it is only used where no
 wrapper's forward hooks must run (the one-process engine).
+
+`head_fused_loss_sum` gives the same result under any wrapper (DDP, FSDP2, DeepSpeed ZeRO-3): for one call it swaps
+the output layer's forward for one that scores the labelled positions and returns the loss sum in place of the
+logits. The model's own forward runs, so every engine hook fires as usual (the layer's weight is gathered around
+its forward and its backward as always).
 """
 
 from __future__ import annotations
@@ -29,6 +34,9 @@ def logits_loss_sum(model, batch: dict, dtype: torch.dtype, device) -> torch.Ten
 
 
 def _base(model):
+    """The transformers model under any wrapper: DDP / DeepSpeed (.module), then peft (get_base_model)."""
+    while not hasattr(model, "get_base_model") and isinstance(getattr(model, "module", None), torch.nn.Module):
+        model = model.module
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
@@ -69,6 +77,43 @@ def fused_loss_sum(model, batch: dict, dtype: torch.dtype, device, chunk_tokens:
             else:
                 total = total + _chunk_ce(head, hs, ys)
     return total
+
+
+def head_fused_loss_sum(model, batch: dict, dtype: torch.dtype, device, chunk_tokens: int = 2048,
+                        use_liger: bool | None = None) -> torch.Tensor:
+    base = _base(model)
+    head = base.get_output_embeddings()
+    labels = batch["labels"]
+    inputs = {k: v for k, v in batch.items() if k != "labels"}
+    target = labels[:, 1:].reshape(-1)
+    keep = target != -100
+    y = target[keep]
+    if use_liger is None:
+        use_liger = device.type == "cuda" and _liger_flce() is not None
+    project = head.forward  # the layer's own computation (LoRA or modules_to_save wrappers included)
+
+    def scored_forward(hidden):
+        h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))[keep]
+        w = getattr(head, "weight", None)
+        if use_liger and isinstance(head, torch.nn.Linear) and w is not None:
+            out = _liger_flce()(reduction="sum")(w, h.to(w.dtype), y, head.bias).float()
+        else:
+            out = h.new_zeros((), dtype=torch.float32)
+            for i in range(0, h.size(0), chunk_tokens):
+                hs, ys = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
+                if torch.is_grad_enabled():
+                    out = out + checkpoint(_chunk_ce, project, hs, ys, use_reentrant=False)
+                else:
+                    out = out + _chunk_ce(project, hs, ys)
+        return out.view(1, 1, 1)
+
+    head.forward = scored_forward
+    try:
+        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+            result = model(**inputs)
+    finally:
+        del head.forward  # back to the class's forward
+    return result.logits.reshape(())
 
 
 def _liger_flce():

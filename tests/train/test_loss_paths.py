@@ -6,11 +6,15 @@ import torch
 
 from shardtune.config import load_config
 from shardtune.model.load import build_model
-from shardtune.train.loss import can_fuse, fused_loss_sum, logits_loss_sum
+import pytest
+
+from shardtune.train.loss import can_fuse, fused_loss_sum, head_fused_loss_sum, logits_loss_sum
 
 
-def test_fused_loss_matches_logits_loss(tiny_model):
-    cfg = load_config(None, ["train.method=lora", "lora.dropout=0"])
+@pytest.mark.parametrize("fused,extra", [(fused_loss_sum, []), (head_fused_loss_sum, []),
+                                         (head_fused_loss_sum, ["lora.modules_to_save=[lm_head]"])])
+def test_fused_loss_matches_logits_loss(tiny_model, fused, extra):
+    cfg = load_config(None, ["train.method=lora", "lora.dropout=0", *extra])
     model = build_model(cfg, tiny_model("llama"), torch.device("cpu"), torch.float32)
     assert can_fuse(model)
     torch.manual_seed(0)
@@ -23,7 +27,7 @@ def test_fused_loss_matches_logits_loss(tiny_model):
     labels[1, 20:] = -100          # padding
     batch = {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
     grads = []
-    for fn, kw in ((logits_loss_sum, {}), (fused_loss_sum, {"chunk_tokens": 5, "use_liger": False})):
+    for fn, kw in ((logits_loss_sum, {}), (fused, {"chunk_tokens": 5, "use_liger": False})):
         model.zero_grad()
         loss = fn(model, batch, torch.float32, torch.device("cpu"), **kw)
         loss.backward()
@@ -33,6 +37,8 @@ def test_fused_loss_matches_logits_loss(tiny_model):
     assert l1 > 0
     for n in g1:
         torch.testing.assert_close(g2[n], g1[n], rtol=1e-4, atol=1e-6)
+    # the output layer's own forward is back in place
+    assert "forward" not in vars(model.get_base_model().get_output_embeddings())
 
 
 def test_kernels_fall_back_on_cpu():
