@@ -21,7 +21,9 @@ class DDPEngine(Engine):
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from shardtune.parallel.fsdp import refuse_deepspeed_json
+        from shardtune.parallel.launch import ensure_process_group
         refuse_deepspeed_json(self.cfg, self.name)
+        ensure_process_group(self.device)
         self.inner = model
         ids = [self.device.index] if self.device.type == "cuda" else None
         # frozen 4-bit storage is identical on every rank (same checkpoint, same quantization); only trainable

@@ -68,9 +68,10 @@ class DeepSpeedEngine(Engine):
         except ImportError:
             raise EnvironmentProblem("parallel.strategy=deepspeed needs deepspeed; pip install 'shardtune[deepspeed]'") from None
         from shardtune.parallel.dsconfig import build_ds_config, describe_filled
-        from shardtune.parallel.launch import init_deepspeed_comm
+        from shardtune.parallel.launch import ensure_process_group, init_deepspeed_comm
         from shardtune.parallel.quant4 import make_shardable
 
+        ensure_process_group(self.device)
         init_deepspeed_comm(self.device)
         ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
                                          hidden_size=_hidden_size(model), total_steps=total_steps,

@@ -158,6 +158,9 @@ class FSDPEngine(Engine):
     def _mesh(self):
         if self.mesh is None:
             from torch.distributed.device_mesh import init_device_mesh
+
+            from shardtune.parallel.launch import ensure_process_group
+            ensure_process_group(self.device)
             self.mesh = init_device_mesh(self.device.type, (self.dist.world_size,))
         return self.mesh
 

@@ -84,6 +84,19 @@ def init_distributed(dist: DistInfo, device: torch.device, timeout_min: float = 
     tdist.init_process_group(**kw)
 
 
+def ensure_process_group(device: torch.device) -> None:
+    """A one-process group when none exists: fsdp/deepspeed on a single GPU still need collectives (a mesh of one).
+    Uses an in-memory store, so nothing listens on a port."""
+    import torch.distributed as tdist
+    if tdist.is_initialized():
+        return
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise EnvironmentProblem("WORLD_SIZE > 1 but the process group is not initialised; call init_distributed first")
+    for k, v in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0")):  # DeepSpeed reads these
+        os.environ.setdefault(k, v)
+    tdist.init_process_group(backend_for(device), store=tdist.HashStore(), rank=0, world_size=1)
+
+
 def init_deepspeed_comm(device: torch.device) -> None:
     """Make DeepSpeed's communication layer use the torch process group already created by `init_distributed`."""
     import deepspeed
