@@ -108,6 +108,7 @@ def main() -> None:
         pb = [r["param_bytes"] for r in ranks]
         mean = sum(pb) / len(pb)
         out = {"args": vars(args), "world": world, "gpu": torch.cuda.get_device_name(0), "strategy": strategy,
+               "loss_path": "fused" if tr.fused else "logits", "kernels": tr.kernels,
                "setup_s": round(setup_s, 1), "median_step_s": round(med, 4), "tokens_per_s": round(tps, 1),
                "tokens_per_s_per_gpu": round(tps / world, 1),
                "mfu": round(tps / world * model_flops_per_token(args.shape, args.seq, bool(args.ckpt))

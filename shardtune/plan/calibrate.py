@@ -104,6 +104,14 @@ def records_from_bench(d: dict, source: str = "") -> list[Record]:
     return out
 
 
+def _dist_loss_path(d: dict, liger: bool, strategy: str) -> str:
+    """The loss path a dist_bench run took: recorded as `loss_path` ('fused' | 'logits') since the fused loss runs
+    under every engine; older files without it ran the fused loss on the one-process engine only."""
+    path = d.get("loss_path")
+    fused = path == "fused" if path is not None else strategy == "none"
+    return ("liger" if liger else "chunked") if fused else "none"
+
+
 def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
     """One record from a bench/dist_bench.py result ({"args": {...}, "world", "ranks": [...], "tokens_per_s"}).
 
@@ -128,7 +136,8 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
         offload_optimizer=offload, offload_param=offload, world_size=world, gpus_per_node=world,
         micro_batch=int(a.get("mb", 1)), seq_len=int(a.get("seq", 2048)), grad_accum=int(a.get("accum", 1)),
         grad_ckpt=bool(a.get("ckpt", 1)), precision=a.get("precision", "bf16"), lora_rank=16, lora_dropout=0.05,
-        kernels="liger" if liger else "none", fused_loss="liger" if (liger and strategy == "none") else "none")
+        kernels="liger" if liger else "none",
+        fused_loss=_dist_loss_path(d, liger, strategy))
     ranks = d.get("ranks") or []
 
     def peak(key):
@@ -136,7 +145,8 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
         return max(vals) * 1e9 if vals else None
     label = (f"{a['shape']} s{a.get('seq')} mb{a.get('mb')} {world}x {strategy}"
              f"{' z' + str(a.get('zero_stage')) if strategy != 'none' else ''} ckpt{int(bool(a.get('ckpt', 1)))}"
-             f"{' offload' if offload else ''}{' cap' + str(a['cap']) if a.get('cap') else ''}")
+             f"{' offload' if offload else ''}{' cap' + str(a['cap']) if a.get('cap') else ''}"
+             f"{' fused' if strategy != 'none' and d.get('loss_path') == 'fused' else ''}")
     return [Record(label=label, model=model, gpus=gpus, setup=setup, peak_allocated=peak("peak_alloc_gb"),
                    peak_reserved=peak("peak_reserved_gb"), tokens_per_s=d.get("tokens_per_s"), source=source)]
 
