@@ -120,3 +120,10 @@ def test_strategy_none_with_many_ranks_is_an_error():
     from shardtune.parallel import resolve_strategy
     with pytest.raises(ConfigError, match="parallel.strategy=ddp"):
         resolve_strategy(load_config(None, ["parallel.strategy=none"]), 2)
+
+
+def test_auto_strategy_follows_a_deepspeed_json():
+    from shardtune.parallel import resolve_strategy
+    assert resolve_strategy(load_config(None, ["parallel.deepspeed_config=ds.json"]), 2) == "deepspeed"
+    assert resolve_strategy(load_config(None, []), 2) == "fsdp"
+    assert resolve_strategy(load_config(None, []), 1) == "none"

@@ -23,6 +23,8 @@ def dist_info_from_env() -> DistInfo:
 def resolve_strategy(cfg, world_size: int) -> str:
     s = cfg.parallel.strategy
     if s == "auto":
+        if cfg.parallel.deepspeed_config:
+            return "deepspeed"  # the user brought a DeepSpeed JSON: that is the engine they want
         return "none" if world_size == 1 else "fsdp"
     if s == "none" and world_size > 1:
         raise ConfigError(f"parallel.strategy=none but {world_size} processes were launched; "
