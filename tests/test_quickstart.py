@@ -1,0 +1,35 @@
+"""The README's main command, as a user runs it: `shardtune train` with no config, then `shardtune generate`."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+
+def _cmd(*args: str) -> list[str]:
+    exe = shutil.which("shardtune")
+    return [exe, *args] if exe else [sys.executable, "-m", "shardtune.cli", *args]
+
+
+@pytest.mark.slow
+def test_quickstart_trains_and_generates(tmp_path):
+    env = dict(os.environ)
+    train = subprocess.run(_cmd("train"), cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert train.returncode == 0, train.stderr[-2000:]
+    m = re.search(r"eval loss ([0-9.]+) -> ([0-9.]+)", train.stdout)
+    assert m, train.stdout[-2000:]
+    first, last = float(m.group(1)), float(m.group(2))
+    assert last < first - 1.0, f"eval loss did not fall enough: {first} -> {last}"
+    run = tmp_path / "runs" / "quickstart"
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "metrics.jsonl", "loss.png",
+                 "shardtune_run.json"):
+        assert (run / name).is_file(), name
+    gen = subprocess.run(_cmd("generate", "--adapter", str(run), "How many singers are from France?"),
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert gen.returncode == 0, gen.stderr[-2000:]
+    assert "SELECT" in gen.stdout.upper(), gen.stdout
