@@ -189,7 +189,8 @@ class FSDPEngine(Engine):
         p = self.cfg.parallel
         self.offload = p.offload_param or p.offload_optimizer
         opt_device = torch.device("cpu") if self.offload else self.device
-        self.optimizer = build_optimizer(self.params, self.cfg.train, opt_device)
+        self.optimizer = build_optimizer(self.params, self.cfg.train, opt_device,
+                                         fused=False if self.compute_dtype == torch.float16 else None)
         self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
         self.scaler = None
         if self.compute_dtype == torch.float16:

@@ -9,12 +9,13 @@ import torch
 from shardtune.errors import EnvironmentProblem
 
 
-def build_optimizer(params, tcfg, device: torch.device):
-    """AdamW from torch, or the bitsandbytes 8-bit / paged AdamW (CUDA only)."""
+def build_optimizer(params, tcfg, device: torch.device, fused: bool | None = None):
+    """AdamW from torch, or the bitsandbytes 8-bit / paged AdamW (CUDA only). `fused=False` where a sharded grad
+    scaler drives the step: FSDP's ShardedGradScaler hands fused AdamW a found_inf of shape [1], which it rejects."""
     params = [p for p in params if p.requires_grad]
     kw = dict(lr=tcfg.lr, weight_decay=tcfg.weight_decay, betas=(0.9, 0.999), eps=1e-8)
     if tcfg.optimizer == "adamw":
-        fused = device.type == "cuda"
+        fused = device.type == "cuda" if fused is None else (fused and device.type == "cuda")
         return torch.optim.AdamW(params, fused=fused, **kw)
     if device.type != "cuda":
         raise EnvironmentProblem(f"train.optimizer={tcfg.optimizer} needs CUDA (bitsandbytes 8-bit optimizers); "
