@@ -71,8 +71,25 @@ class Engine:
 
     def step(self) -> torch.Tensor:
         """Clip to train.grad_clip, step the optimizer and the scheduler, zero grads. Returns the pre-clip global
-        grad norm as a 0-d tensor (no host sync)."""
-        raise NotImplementedError
+        grad norm as a 0-d tensor (no host sync). Engines with their own optimizer wrapper (DeepSpeed) override it;
+        the others share this and only say how to clip (`clip_gradients`)."""
+        scaler = getattr(self, "scaler", None)
+        if scaler:
+            scaler.unscale_(self.optimizer)
+        norm = self.clip_gradients()
+        if scaler:
+            scaler.step(self.optimizer)  # skips the step when the unscaled gradients hold inf/nan
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm.detach()
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Global grad norm of the trainable parameters, clipped in place to train.grad_clip (0 = no clipping)."""
+        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.params, clip)
 
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]

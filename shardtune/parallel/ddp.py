@@ -4,17 +4,16 @@ whose 4-bit base fits on one GPU; it is the fastest engine when it fits (no para
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
 
-from shardtune.parallel.base import Engine
+from shardtune.parallel.single import SingleEngine
 from shardtune.train.optim import build_optimizer, build_scheduler
 
 
-class DDPEngine(Engine):
+class DDPEngine(SingleEngine):
+    """Checkpoints and the adapter gather come from SingleEngine (replicas are identical)."""
     name = "ddp"
 
     def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
@@ -44,43 +43,5 @@ class DDPEngine(Engine):
         loss = loss * self.dist.world_size
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self) -> torch.Tensor:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
     def unwrapped(self) -> nn.Module:
         return self.inner
-
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.inner.named_parameters() if p.requires_grad}
-
-    def save_checkpoint(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
-        """Replicas are identical: rank 0 writes one file, like the one-process engine."""
-        if not self.dist.is_main:
-            return
-        state = {"trainable": self.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
-                 "client": client_state}
-        torch.save(state, Path(ckpt_dir) / "engine.pt")
-
-    def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any]:
-        state = torch.load(Path(ckpt_dir) / "engine.pt", map_location=self.device, weights_only=False)
-        params = dict(self.inner.named_parameters())
-        with torch.no_grad():
-            for n, t in state["trainable"].items():
-                params[n].copy_(t)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        if self.scaler and state["scaler"]:
-            self.scaler.load_state_dict(state["scaler"])
-        return state["client"]

@@ -218,9 +218,8 @@ class FSDPEngine(Engine):
         dist.all_reduce(sq)
         return sq.sqrt()
 
-    def step(self) -> torch.Tensor:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
+    def clip_gradients(self) -> torch.Tensor:
+        """The norm over every rank's gradient shards; clipping scales each local shard by the same factor."""
         norm = self._grad_norm()
         clip = self.cfg.train.grad_clip
         if clip > 0:
@@ -229,14 +228,7 @@ class FSDPEngine(Engine):
                 if p.grad is not None:
                     g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
                     g.mul_(coef.to(g.device))
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        return norm
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
     def _dcp_state(self):

@@ -26,32 +26,22 @@ class SingleEngine(Engine):
     def backward(self, loss):
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def step(self):
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        clip = self.cfg.train.grad_clip if self.cfg.train.grad_clip > 0 else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
-
+    # The methods below serve DDP too (it subclasses this engine): replicas are identical, so rank 0 writes one
+    # file, and unwrapped() is the module under any DDP wrapper.
     def trainable_state_dict(self):
-        return {n: p.detach().to("cpu", copy=True) for n, p in self.model.named_parameters() if p.requires_grad}
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.unwrapped().named_parameters() if p.requires_grad}
 
     def save_checkpoint(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         state = {"trainable": self.trainable_state_dict(), "optimizer": self.optimizer.state_dict(),
                  "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict() if self.scaler else None,
                  "client": client_state}
         torch.save(state, Path(ckpt_dir) / "engine.pt")
 
     def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any]:
-        state = torch.load(Path(ckpt_dir) / "engine.pt", map_location="cpu", weights_only=False)
-        params = dict(self.model.named_parameters())
+        state = torch.load(Path(ckpt_dir) / "engine.pt", map_location=self.device, weights_only=False)
+        params = dict(self.unwrapped().named_parameters())
         with torch.no_grad():
             for n, t in state["trainable"].items():
                 params[n].copy_(t)
