@@ -422,6 +422,9 @@ class CheckpointNames:
                     self._objects[id(t)] = t
         self._bnb4, self._bnb8 = bnb.nn.Linear4bit, bnb.nn.Linear8bitLt
         self.filled: set[int] = set()
+        # peft ModulesToSaveWrapper: its trainable copies start as the original's weights. For a tied head the
+        # original shares the embedding's tensor, so the copies must be filled from the embedding's key too.
+        self._mts = [m for m in self.base.modules() if hasattr(m, "original_module") and hasattr(m, "modules_to_save")]
 
     def _module(self, path: str) -> Optional[nn.Module]:
         try:
@@ -485,7 +488,23 @@ class CheckpointNames:
                 kind = "int8"
             conv1d = getattr(getattr(m, "source_cls", None), "__name__", "") == "Conv1D"
             out.append(Target(name, holders, kind, is_buf, transpose=kind != "plain" and conv1d))
+            out += self._copies_of(holders, attr, is_buf)
         return out
+
+    def _copies_of(self, holders, attr: str, is_buf: bool) -> list[Target]:
+        """modules_to_save copies of any holder that is a wrapper's original module, not filled yet."""
+        extra = []
+        for w in self._mts:
+            if not any(hm is w.original_module for hm, _ in holders):
+                continue
+            for copy in w.modules_to_save.values():
+                t = copy._buffers.get(attr) if is_buf else copy._parameters.get(attr)
+                if t is None or id(t) in self.filled:
+                    continue
+                self.filled.add(id(t))
+                full = self._holders.get(id(t), [(None, None, attr)])[0][2]
+                extra.append(Target(full, [(copy, attr)], "plain", is_buf))
+        return extra
 
     def unfilled(self) -> list[str]:
         """Names of parameters / persistent buffers still on the meta device (missing from the checkpoint)."""

@@ -120,8 +120,9 @@ def test_lora_weights_equal(tiny_model, arch):
     assert line.startswith("load rank 0/1:") and "GB read" in line and "peak CPU RSS" in line and "\n" not in line
 
 
-def test_lora_bf16_and_modules_to_save(tiny_model):
-    ref, got = _both(tiny_model("llama"), "lora", torch.bfloat16, modules_to_save=["lm_head"])
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])  # qwen2: tied head, the copy is filled from the embedding
+def test_lora_bf16_and_modules_to_save(tiny_model, arch):
+    ref, got = _both(tiny_model(arch), "lora", torch.bfloat16, modules_to_save=["lm_head"])
     assert_same_model(ref, got)
     copy = dict(got.named_parameters())["base_model.model.lm_head.modules_to_save.default.weight"]
     assert copy.requires_grad and copy.dtype == torch.float32 and copy.abs().sum() > 0
