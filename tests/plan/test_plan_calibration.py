@@ -43,7 +43,7 @@ def test_multi_gpu_dist_bench_records_are_read(records):
     # each run's recorded loss path: fused (Liger FLCE) on the one-process engine and on the later "fused" FSDP runs
     assert all(r.setup.fused_loss == ("liger" if (r.setup.strategy == "none" or r.label.endswith(" fused"))
                                       else "none") for r in dist)
-    assert sum(r.label.endswith(" fused") for r in dist) == 2
+    assert sum(r.label.endswith(" fused") for r in dist) >= 2
 
 
 def test_peak_reserved_within_10_percent_on_every_record(records):
