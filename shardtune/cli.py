@@ -8,6 +8,7 @@ import importlib
 import os
 import sys
 
+from shardtune.config import split_config_and_overrides  # noqa: F401  (also used by plan/command.py)
 from shardtune.errors import ShardtuneError
 
 # subcommand -> module providing add_arguments(parser) and run(args) -> int
@@ -18,19 +19,6 @@ SUBCOMMAND_MODULES = {
     "evaluate": ("shardtune.export.evaluate", "measure a trained adapter (text-to-SQL exact and execution accuracy)"),
     "doctor": ("shardtune.doctor", "check the environment and GPUs against a config, before any weight is read"),
 }
-
-
-def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
-    """`shardtune train [cfg.yaml] [key=value ...]`: the first item without '=' is the config file."""
-    path, overrides = None, []
-    for it in items:
-        if "=" in it:
-            overrides.append(it)
-        elif path is None:
-            path = it
-        else:
-            raise ShardtuneError(f"unexpected argument '{it}'; overrides are key=value (e.g. train.lr=1e-4)")
-    return path, overrides
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:

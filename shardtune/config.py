@@ -257,6 +257,19 @@ def _build(cls, data: dict, prefix: str, known: list[str]):
     return cls(**kwargs)
 
 
+def split_config_and_overrides(items: list[str]) -> tuple[str | None, list[str]]:
+    """Command-line items `[cfg.yaml] [key=value ...]`: the first item without '=' is the config file."""
+    path, overrides = None, []
+    for it in items:
+        if "=" in it:
+            overrides.append(it)
+        elif path is None:
+            path = it
+        else:
+            raise ConfigError(f"unexpected argument '{it}'; overrides are key=value (e.g. train.lr=1e-4)")
+    return path, overrides
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ConfigError(f"override '{text}' is not key=value (e.g. lora.rank=32)")

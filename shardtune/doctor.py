@@ -555,17 +555,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from shardtune.config import load_config
-    from shardtune.errors import ConfigError
+    from shardtune.config import load_config, split_config_and_overrides
 
-    path, overrides = None, []
-    for it in args.items:
-        if "=" in it:
-            overrides.append(it)
-        elif path is None:
-            path = it
-        else:
-            raise ConfigError(f"unexpected argument '{it}'; overrides are key=value (e.g. train.precision=fp16)")
+    path, overrides = split_config_and_overrides(list(args.items))
     cfg = load_config(path, overrides) if (path or overrides) else None
     checks = run_doctor(cfg)
     if args.json:

@@ -76,7 +76,7 @@ def overrides_from_flags(args) -> list[str]:
 
 
 def run(args) -> int:
-    from shardtune.cli import split_config_and_overrides
+    from shardtune.config import split_config_and_overrides
     from shardtune.config import load_config
     from shardtune.errors import DoesNotFit
     from shardtune.hardware import hardware_for, parse_memory
