@@ -47,65 +47,69 @@ def can_fuse(model) -> bool:
             and base.get_output_embeddings() is not None and not getattr(cfg, "final_logit_softcapping", None))
 
 
-def _chunk_ce(head, h, y):
-    return F.cross_entropy(head(h).float(), y, reduction="sum")
+def _chunk_ce(project, h, y):
+    return F.cross_entropy(project(h).float(), y, reduction="sum")
+
+
+def _labelled(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mask over the flattened shifted positions that carry a label, those labels)."""
+    target = labels[:, 1:].reshape(-1)
+    keep = target != -100
+    return keep, target[keep]
+
+
+def _score(h: torch.Tensor, y: torch.Tensor, head, project, use_liger: bool, chunk_tokens: int) -> torch.Tensor:
+    """Summed cross-entropy of the labelled hidden states `h` against `y` through the output layer: Liger's fused
+    linear cross-entropy when asked and the head is a plain linear layer, else `project` chunk by chunk with
+    recomputation in backward (one chunk's logits alive at a time)."""
+    if _liger_head(head, use_liger):
+        w = head.weight
+        return _liger_flce()(reduction="sum")(w, h.to(w.dtype), y, head.bias).float()
+    total = h.new_zeros((), dtype=torch.float32)
+    for i in range(0, h.size(0), chunk_tokens):
+        hs, ys = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_ce, project, hs, ys, use_reentrant=False)
+        else:
+            total = total + _chunk_ce(project, hs, ys)
+    return total
+
+
+def _want_liger(use_liger: bool | None, device) -> bool:
+    return device.type == "cuda" and _liger_flce() is not None if use_liger is None else use_liger
+
+
+def _liger_head(head, use_liger: bool) -> bool:
+    return bool(use_liger) and isinstance(head, torch.nn.Linear) and getattr(head, "weight", None) is not None
 
 
 def fused_loss_sum(model, batch: dict, dtype: torch.dtype, device, chunk_tokens: int = 2048,
                    use_liger: bool | None = None) -> torch.Tensor:
     base = _base(model)
-    labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
+    keep, y = _labelled(batch["labels"])
+    head = base.get_output_embeddings()
     with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
         hidden = base.model(**inputs).last_hidden_state
-    target = labels[:, 1:].reshape(-1)
-    keep = target != -100
     h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))[keep]
-    y = target[keep]
-    head = base.get_output_embeddings()
-    if use_liger is None:
-        use_liger = device.type == "cuda" and _liger_flce() is not None
-    if use_liger and type(head) is torch.nn.Linear:
-        flce = _liger_flce()(reduction="sum")
-        return flce(head.weight, h.to(head.weight.dtype), y, head.bias).float()
-    total = h.new_zeros((), dtype=torch.float32)
-    for i in range(0, h.size(0), chunk_tokens):
-        hs, ys = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
-        with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            if torch.is_grad_enabled():
-                total = total + checkpoint(_chunk_ce, head, hs, ys, use_reentrant=False)
-            else:
-                total = total + _chunk_ce(head, hs, ys)
-    return total
+    liger = _liger_head(head, _want_liger(use_liger, device))
+    # Liger's kernel takes the weight's dtype itself; the chunked projection runs under autocast like the model
+    with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32 and not liger):
+        return _score(h, y, head, head, liger, chunk_tokens)
 
 
 def head_fused_loss_sum(model, batch: dict, dtype: torch.dtype, device, chunk_tokens: int = 2048,
                         use_liger: bool | None = None) -> torch.Tensor:
     base = _base(model)
     head = base.get_output_embeddings()
-    labels = batch["labels"]
     inputs = {k: v for k, v in batch.items() if k != "labels"}
-    target = labels[:, 1:].reshape(-1)
-    keep = target != -100
-    y = target[keep]
-    if use_liger is None:
-        use_liger = device.type == "cuda" and _liger_flce() is not None
+    keep, y = _labelled(batch["labels"])
+    liger = _want_liger(use_liger, device)
     project = head.forward  # the layer's own computation (LoRA or modules_to_save wrappers included)
 
     def scored_forward(hidden):
         h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))[keep]
-        w = getattr(head, "weight", None)
-        if use_liger and isinstance(head, torch.nn.Linear) and w is not None:
-            out = _liger_flce()(reduction="sum")(w, h.to(w.dtype), y, head.bias).float()
-        else:
-            out = h.new_zeros((), dtype=torch.float32)
-            for i in range(0, h.size(0), chunk_tokens):
-                hs, ys = h[i:i + chunk_tokens], y[i:i + chunk_tokens]
-                if torch.is_grad_enabled():
-                    out = out + checkpoint(_chunk_ce, project, hs, ys, use_reentrant=False)
-                else:
-                    out = out + _chunk_ce(project, hs, ys)
-        return out.view(1, 1, 1)
+        return _score(h, y, head, project, liger, chunk_tokens).view(1, 1, 1)
 
     head.forward = scored_forward
     try:
