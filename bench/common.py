@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -33,46 +32,16 @@ def llama_config(shape: str, max_pos: int = 8192):
 
 
 def write_random_checkpoint(shape: str, out: Path, device: str = "cuda", seed: int = 0) -> Path:
-    """A real HF directory (config.json, sharded bf16 safetensors, a small tokenizer) with N(0, 0.02) weights,
-    written one decoder layer at a time so neither host nor GPU memory holds the whole model."""
-    import torch
-    from safetensors.torch import save_file
-    from transformers import AutoModelForCausalLM
+    """A real HF directory (config.json, bf16 safetensors shards, a small tokenizer) with N(0, 0.02) weights, written
+    once per shape by bench/load_bench.py's shard-at-a-time writer; the directory appears complete or not at all."""
+    from bench.load_bench import write_random_checkpoint as write_shards
+    from shardtune.model.tiny import build_tokenizer
 
     out = Path(out)
-    if (out / "model.safetensors.index.json").exists():
+    if (out / "config.json").exists():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    cfg = llama_config(shape)
-    cfg.save_pretrained(tmp)
-    with torch.device("meta"):
-        skeleton = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16)
-    names = [(n, tuple(p.shape)) for n, p in skeleton.state_dict().items()]
-    if cfg.tie_word_embeddings:
-        names = [x for x in names if x[0] != "lm_head.weight"]
-    gen = torch.Generator(device=device).manual_seed(seed)
-    groups: dict[str, list] = {}
-    for n, shp in names:
-        key = n.split(".")[2] if n.startswith("model.layers.") else "other"
-        groups.setdefault(key, []).append((n, shp))
-    weight_map, total = {}, 0
-    for i, (key, items) in enumerate(groups.items()):
-        fname = f"model-{i:05d}.safetensors"
-        tensors = {}
-        for n, shp in items:
-            if n.endswith("norm.weight"):
-                t = torch.ones(shp, dtype=torch.bfloat16, device=device)
-            else:
-                t = torch.randn(shp, generator=gen, device=device, dtype=torch.bfloat16) * 0.02
-            tensors[n] = t.cpu()
-            total += t.numel() * 2
-            weight_map[n] = fname
-        save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
-        del tensors
-    (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
-    from shardtune.model.tiny import build_tokenizer
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    write_shards(tmp, llama_config(shape), seed=seed, device=device)
     build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
