@@ -150,17 +150,8 @@ class Trainer:
         # layer's forward for one that returns the loss (their hooks keep running)
         self.fused = t.fused_loss and can_fuse(self.model)
         self.say(f"kernels: {self.kernels}; loss: {'fused' if self.fused else 'logits'}")
-        if self.estimate is not None and cfg.plan.mode != "auto":
-            # predict again with the kernels and loss path that actually run
-            try:
-                from shardtune.hardware import hardware_for
-                from shardtune.plan import estimate
-                from shardtune.train.loss import _liger_flce
-                loss_path = ("liger" if self.device.type == "cuda" and _liger_flce() else "chunked") if self.fused \
-                    else "none"
-                self.estimate = estimate(cfg, hardware_for(cfg.plan.gpus), kernels=self.kernels, fused_loss=loss_path)
-            except Exception as e:
-                self.say(f"plan: could not refine the prediction ({type(e).__name__}: {e})")
+        if cfg.plan.mode != "auto" and self.device.type == "cuda":
+            self._predict(cfg)
         self.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
         if self.dist.world_size > 1:
             from shardtune.parallel.balance import check_balance
@@ -184,8 +175,8 @@ class Trainer:
         return logits_loss_sum(self.model, batch, self.dtype, self.device)
 
     def _plan(self, cfg):
-        """`plan: auto` replaces the config with the planner's fastest fitting choice; on a GPU the prediction for
-        the config that runs is kept, to be compared with the measured peak after the first logged steps."""
+        """`plan: auto` replaces the config with the planner's fastest fitting choice (printed before anything is
+        loaded) and keeps its prediction; manual configs are predicted once the kernels are known (`_predict`)."""
         self.estimate = None
         if cfg.plan.mode == "auto":
             from shardtune.hardware import hardware_for
@@ -195,18 +186,27 @@ class Trainer:
             self.say("plan: auto chose " + result.summary())
             cfg = result.config
             self.estimate = result.best
-        elif self.device.type == "cuda":
-            try:
-                from shardtune.hardware import hardware_for
-                from shardtune.plan import estimate
-                self.estimate = estimate(cfg, hardware_for(cfg.plan.gpus))
-            except Exception as e:  # the plan is advice; a shape it cannot read must not stop training
-                self.say(f"plan: no prediction for this model ({type(e).__name__}: {e})")
-        if self.estimate is not None:
-            m = self.estimate.memory
-            self.say(f"plan: {self.estimate.setup.label}: predicted peak {m.peak_allocated / 2**30:.2f} GiB allocated, "
-                     f"{m.peak_reserved / 2**30:.2f} GiB reserved per GPU")
+            self._say_prediction()
         return cfg
+
+    def _predict(self, cfg) -> None:
+        """The plan's memory prediction for the config that runs, with the kernels and loss path it actually uses;
+        compared with the measured peak after the first logged steps."""
+        try:
+            from shardtune.hardware import hardware_for
+            from shardtune.plan import estimate
+            from shardtune.train.loss import _liger_flce
+            loss_path = ("liger" if _liger_flce() else "chunked") if self.fused else "none"
+            self.estimate = estimate(cfg, hardware_for(cfg.plan.gpus), kernels=self.kernels, fused_loss=loss_path)
+        except Exception as e:  # the plan is advice; a shape it cannot read must not stop training
+            self.say(f"plan: no prediction for this model ({type(e).__name__}: {e})")
+            return
+        self._say_prediction()
+
+    def _say_prediction(self) -> None:
+        m = self.estimate.memory
+        self.say(f"plan: {self.estimate.setup.label}: predicted peak {m.peak_allocated / 2**30:.2f} GiB allocated, "
+                 f"{m.peak_reserved / 2**30:.2f} GiB reserved per GPU")
 
     def _check_plan(self) -> None:
         if self.estimate is None or self.device.type != "cuda" or getattr(self, "_plan_checked", False):

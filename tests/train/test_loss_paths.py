@@ -44,3 +44,23 @@ def test_fused_loss_matches_logits_loss(tiny_model, fused, extra):
 def test_kernels_fall_back_on_cpu():
     from shardtune.model.kernels import apply_kernels
     assert apply_kernels(torch.nn.Linear(2, 2), "auto", torch.device("cpu")) == "none"
+
+
+def test_prediction_for_the_running_config_uses_its_loss_path():
+    """Trainer._predict (called on CUDA after the kernels are applied) keeps one estimate for the measured-vs-plan
+    check and prints it; exercised here with a named GPU since CI has none."""
+    from shardtune.parallel.base import DistInfo
+    from shardtune.train.loop import Trainer
+
+    cfg = load_config(None, ["plan.gpus=1xH100-80GB", "model.name_or_path=llama-3-8b", "data.max_seq_len=4096"])
+    said = []
+    tr = Trainer(cfg, out=said.append)
+    tr.dist, tr.kernels = DistInfo(), "liger"
+    tr.fused = False
+    tr._predict(cfg)
+    logits = tr.estimate.memory.peak_allocated
+    assert tr.estimate.setup.fused_loss == "none" and said and said[-1].startswith("plan: ")
+    tr.fused = True
+    tr._predict(cfg)
+    assert tr.estimate.setup.fused_loss in ("liger", "chunked")
+    assert tr.estimate.memory.peak_allocated < logits  # 16k tokens: one 2048-token chunk of logits, not all
