@@ -208,26 +208,36 @@ class FSDPEngine(Engine):
         loss = loss * self.dist.world_size
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
-    def _grad_norm(self) -> torch.Tensor:
-        import torch.distributed as dist
-        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+    def _local_grads(self) -> dict[tuple, list[torch.Tensor]]:
+        """This rank's gradient shards grouped by (device, dtype), for the multi-tensor (foreach) kernels: one
+        launch per group instead of several per parameter (a QLoRA model has hundreds of LoRA tensors, and a
+        sharded step is bound by host time; docs/benchmarks.md)."""
+        groups: dict[tuple, list[torch.Tensor]] = {}
         for p in self.params:
             if p.grad is not None:
                 g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
-                sq += g.detach().float().pow(2).sum().to(self.device)
+                if g.numel():
+                    groups.setdefault((g.device, g.dtype), []).append(g.detach())
+        return groups
+
+    def _grad_norm(self, groups) -> torch.Tensor:
+        import torch.distributed as dist
+        sq = torch.zeros((), dtype=torch.float32, device=self.device)
+        for grads in groups.values():
+            norms = torch._foreach_norm(grads, 2, dtype=torch.float32)
+            sq += torch.stack(norms).pow(2).sum().to(self.device)
         dist.all_reduce(sq)
         return sq.sqrt()
 
     def clip_gradients(self) -> torch.Tensor:
         """The norm over every rank's gradient shards; clipping scales each local shard by the same factor."""
-        norm = self._grad_norm()
+        groups = self._local_grads()
+        norm = self._grad_norm(groups)
         clip = self.cfg.train.grad_clip
         if clip > 0:
             coef = torch.clamp(clip / (norm + 1e-6), max=1.0)
-            for p in self.params:
-                if p.grad is not None:
-                    g = p.grad.to_local() if _is_dtensor(p.grad) else p.grad
-                    g.mul_(coef.to(g.device))
+            for (device, _), grads in groups.items():
+                torch._foreach_mul_(grads, coef.to(device))
         return norm
 
     # -- checkpoints ----------------------------------------------------------------------------------------------

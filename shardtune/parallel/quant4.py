@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import nn
@@ -57,7 +58,14 @@ class QuantLayout:
         mod = torch.tensor([], dtype=self.storage_dtype).element_size() * 2
         return (self.numel + 1) // mod
 
+    @cached_property
+    def _offsets_cached(self) -> tuple[int, int, int, int]:
+        return self._compute_offsets()
+
     def _offsets(self) -> tuple[int, int, int, int]:
+        return self._offsets_cached
+
+    def _compute_offsets(self) -> tuple[int, int, int, int]:
         """Byte offsets: absmax, nested absmax (4-aligned), offset scalar, total (padded to the storage itemsize)."""
         absmax_bytes = self.n_blocks * (1 if self.nested else 4)
         nested_at = -(-absmax_bytes // 4) * 4
@@ -109,6 +117,29 @@ class QuantLayout:
                                blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.weight_dtype)
 
 
+    def dequantize(self, packed: torch.Tensor, blob: torch.Tensor,
+                   codes: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
+        """The [out, in] weight in `weight_dtype`: the same bitsandbytes kernels (and so the same numbers) as
+        `bnbF.dequantize_4bit(packed, self.unpack(blob, codes))`, called directly. This runs three times per layer
+        and step (forward, recomputation, backward); building QuantState objects each time cost more host time than
+        the kernels take on the GPU, and a sharded step is bound by host time (docs/benchmarks.md)."""
+        b = blob.reshape(-1).view(torch.uint8)
+        _, nested_at, offset_at, _ = self._offsets()
+        if self.nested:
+            absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
+                b[:self.n_blocks], _f32(b, nested_at, self.n_nested_blocks), codes[1], NESTED_BLOCKSIZE,
+                torch.float32)
+            absmax += _f32(b, offset_at, 1)
+        else:
+            absmax = _f32(b, 0, self.n_blocks)
+        return torch.ops.bitsandbytes.dequantize_4bit.default(
+            packed.reshape(-1, 1), absmax, self.blocksize, self.quant_type, self.shape, self.weight_dtype)
+
+    @cached_property
+    def shape(self) -> torch.Size:
+        return torch.Size([self.out_features, self.in_features])
+
+
 def _f32(b: torch.Tensor, start: int, n: int) -> torch.Tensor:
     """`n` float32 values at byte `start` of the uint8 tensor `b`; a view when 4-byte aligned (always for shardtune's
     own layouts), a copy otherwise (an engine may gather a 2-byte-storage blob at an odd element offset)."""
@@ -134,15 +165,13 @@ class _Matmul4bit(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, module):
         ctx.module = module
-        w, qs = module.packed_and_state(x.device)
         # dequantize + linear is what bitsandbytes' gemm_4bit does for training-sized inputs; spelled out here because
         # matmul_4bit's reading of the weight's orientation differs across releases (older ones take weight.t())
-        return torch.nn.functional.linear(x, bnbF.dequantize_4bit(w.reshape(-1, 1), qs).to(x.dtype))
+        return torch.nn.functional.linear(x, module.dequantized(x.device).to(x.dtype))
 
     @staticmethod
     def backward(ctx, grad_out):
-        w, qs = ctx.module.packed_and_state(grad_out.device)
-        return grad_out @ bnbF.dequantize_4bit(w.reshape(-1, 1), qs).to(grad_out.dtype), None
+        return grad_out @ ctx.module.dequantized(grad_out.device).to(grad_out.dtype), None
 
 
 class ShardedLinear4bit(bnb.nn.Linear4bit):
@@ -152,16 +181,27 @@ class ShardedLinear4bit(bnb.nn.Linear4bit):
 
     layout: QuantLayout
 
-    def packed_and_state(self, device: torch.device):
+    def _device_codes(self, device: torch.device):
         codes = self._codes.get(device)
         if codes is None:
             codes = tuple(c.to(device) if c is not None else None for c in self._codes["cpu"])
             self._codes[device] = codes
-        w = self.weight
+        return codes
+
+    def _packed_and_blob(self) -> tuple[torch.Tensor, torch.Tensor]:
+        w, blob = self.weight, self.quant_blob
         w = w.to_local() if hasattr(w, "to_local") else w  # a DTensor only if called outside an FSDP2 forward
-        blob = self.quant_blob
         blob = blob.to_local() if hasattr(blob, "to_local") else blob
-        return w, self.layout.unpack(blob, codes)
+        return w, blob
+
+    def packed_and_state(self, device: torch.device):
+        """(packed weight, bitsandbytes QuantState) for code that wants bitsandbytes' own objects."""
+        w, blob = self._packed_and_blob()
+        return w, self.layout.unpack(blob, self._device_codes(device))
+
+    def dequantized(self, device: torch.device) -> torch.Tensor:
+        w, blob = self._packed_and_blob()
+        return self.layout.dequantize(w, blob, self._device_codes(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         inp_dtype = x.dtype
@@ -174,8 +214,7 @@ class ShardedLinear4bit(bnb.nn.Linear4bit):
 
     def dequantized_weight(self) -> torch.Tensor:
         """The full-precision weight (for checks and merging); needs the full, gathered parameters."""
-        w, qs = self.packed_and_state(self.weight.device)
-        return bnbF.dequantize_4bit(w.reshape(-1, 1), qs)
+        return self.dequantized(self.weight.device)
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         nn.Module._save_to_state_dict(self, destination, prefix, keep_vars)

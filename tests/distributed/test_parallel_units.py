@@ -309,6 +309,8 @@ def test_unpack_handles_a_blob_at_an_odd_offset():
     a, b = m.layout.unpack(blob, m._codes["cpu"]), m.layout.unpack(shifted, m._codes["cpu"])
     assert torch.equal(a.absmax, b.absmax) and torch.equal(a.state2.absmax, b.state2.absmax)
     assert float(a.offset) == float(b.offset)
+    w = m.weight.detach()
+    assert torch.equal(m.layout.dequantize(w, blob, m._codes["cpu"]), m.layout.dequantize(w, shifted, m._codes["cpu"]))
 
 
 @pytest.mark.parametrize("engine", ["fsdp", "ddp"])
