@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--liger", type=int, default=1)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--profile", default="", help="also write a torch.profiler trace of 2 steps (rank 0) here")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
 
@@ -86,7 +87,10 @@ def main() -> None:
         (model_dir / "config.json").read_text())["vocab_size"]))
     after_setup = (torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9)
     torch.cuda.reset_peak_memory_stats()
+    prof = _start_profiler(tr, args, rank) if args.profile else None
     res = tr.run()
+    if prof is not None:
+        _finish_profiler(prof, args, rank)
     import psutil
     mine = {"rank": rank, "param_bytes": tr.engine.local_param_bytes(), "alloc_after_setup_gb": after_setup[0],
             "reserved_after_setup_gb": after_setup[1], "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9,
@@ -124,6 +128,46 @@ def main() -> None:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def _start_profiler(tr, args, rank: int):
+    """Profile two steps after the warm-up (and one more); each profiled step ends after a device synchronize, so
+    its span holds all of its GPU work."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, schedule
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA],
+                   schedule=schedule(wait=args.warmup + 1, warmup=1, active=2, repeat=1))
+    prof.start()
+    step = tr.engine.step
+
+    def profiled_step():
+        norm = step()
+        torch.cuda.synchronize()
+        prof.step()
+        return norm
+
+    tr.engine.step = profiled_step
+    return prof
+
+
+def _finish_profiler(prof, args, rank: int) -> None:
+    import gzip
+    import shutil
+    prof.stop()
+    if rank != 0:
+        return
+    out = Path(args.profile)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    raw = out.with_suffix(".tmp.json")
+    prof.export_chrome_trace(str(raw))
+    with open(raw, "rb") as src, gzip.open(str(out), "wb") as dst:
+        shutil.copyfileobj(src, dst)
+    raw.unlink()
+    from bench.trace_summary import summarize
+    for row in summarize(str(out)):
+        print("PROFILE " + json.dumps(row), flush=True)
+    table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=30, max_name_column_width=60)
+    out.with_name(out.name.replace(".json.gz", "") + ".ops.txt").write_text(table)
 
 
 if __name__ == "__main__":
