@@ -144,7 +144,7 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
         vals = [r[key] for r in ranks if r.get(key) is not None]
         return max(vals) * 1e9 if vals else None
     label = (f"{a['shape']} s{a.get('seq')} mb{a.get('mb')} {world}x {strategy}"
-             f"{' z' + str(a.get('zero_stage')) if strategy != 'none' else ''} ckpt{int(bool(a.get('ckpt', 1)))}"
+             f"{' z' + str(a.get('zero_stage')) if strategy in ('fsdp', 'deepspeed') else ''} ckpt{int(bool(a.get('ckpt', 1)))}"
              f"{' offload' if offload else ''}{' cap' + str(a['cap']) if a.get('cap') else ''}"
              f"{' fused' if strategy != 'none' and d.get('loss_path') == 'fused' else ''}")
     return [Record(label=label, model=model, gpus=gpus, setup=setup, peak_allocated=peak("peak_alloc_gb"),
