@@ -38,6 +38,8 @@ def main() -> None:
     ap.add_argument("--cap", type=float, default=0.0, help="GB of GPU memory each process may use")
     ap.add_argument("--random", action="store_true")
     ap.add_argument("--liger", type=int, default=1)
+    ap.add_argument("--layers-per-unit", type=int, default=0, help="fsdp: decoder layers per FSDP unit (0 = auto)")
+    ap.add_argument("--pin-cpus", action="store_true", help="pin each rank to its share of this machine's cores")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--profile", default="", help="also write a torch.profiler trace of 2 steps (rank 0) here")
@@ -49,6 +51,11 @@ def main() -> None:
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     torch.cuda.set_device(local)
+    if args.pin_cpus:  # an experiment: does pinning each rank to its own cores steady a host-bound step?
+        cores = sorted(os.sched_getaffinity(0))
+        n = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+        per = len(cores) // max(1, n)
+        os.sched_setaffinity(0, cores[local * per:(local + 1) * per] or cores)
     if args.cap:
         total = torch.cuda.get_device_properties(local).total_memory
         torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap * 1e9 / total), local)
@@ -76,7 +83,8 @@ def main() -> None:
           "train.eval_every=0", "train.log_every=5", f"output.dir=/tmp/dist-out", "output.tensorboard=false",
           "output.plot=false", "lora.rank=16", "lora.alpha=32", "train.warmup_steps=0",
           f"parallel.strategy={strategy}", f"parallel.zero_stage={args.zero_stage}",
-          f"parallel.offload_optimizer={args.offload}", f"parallel.offload_param={args.offload}"]
+          f"parallel.offload_optimizer={args.offload}", f"parallel.offload_param={args.offload}",
+          f"parallel.fsdp_layers_per_unit={args.layers_per_unit}"]
     cfg = load_config(None, ov)
     t0 = time.time()
     tr = Trainer(cfg, out=lambda m: print(m, flush=True), time_steps=True)
@@ -110,6 +118,7 @@ def main() -> None:
         mean = sum(pb) / len(pb)
         out = {"args": vars(args), "world": world, "gpu": torch.cuda.get_device_name(0), "strategy": strategy,
                "loss_path": "fused" if tr.fused else "logits", "kernels": tr.kernels,
+               "fsdp_layers_per_unit": getattr(tr.engine.unwrapped(), "fsdp_layers_per_unit", None),
                "setup_s": round(setup_s, 1), "median_step_s": round(med, 4), "tokens_per_s": round(tps, 1),
                "tokens_per_s_per_gpu": round(tps / world, 1),
                "mfu": round(tps / world * model_flops_per_token(args.shape, args.seq, bool(args.ckpt))

@@ -1,5 +1,6 @@
-"""FSDP2 (`torch.distributed.fsdp.fully_shard`): one FSDP unit per decoder layer, the embeddings and the LM head
-their own units (when untied), the rest in the root. QLoRA's 4-bit base is sharded through `ShardedLinear4bit`
+"""FSDP2 (`torch.distributed.fsdp.fully_shard`): one FSDP unit per `parallel.fsdp_layers_per_unit` decoder layers
+(auto: two small 4-bit layers, else one), the embeddings and the LM head their own units (when untied), the rest in
+the root. QLoRA's 4-bit base is sharded through `ShardedLinear4bit`
 (shardtune.parallel.quant4): the packed weights and their quantization constants are ordinary frozen parameters.
 
 ZeRO stages map to `reshard_after_forward`: 3 frees the gathered layer after its forward (re-gathers it in backward),
@@ -98,8 +99,17 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
     off = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()
     reshard = p.zero_stage == 3
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=off)
-    for layer in decoder_layers(model):
-        fully_shard(layer, reshard_after_forward=reshard, **kw)
+    layers = decoder_layers(model)
+    if int(p.fsdp_layers_per_unit) < 0:
+        raise ConfigError(f"parallel.fsdp_layers_per_unit={p.fsdp_layers_per_unit}; use 0 (auto) or 1 or more")
+    k = units_of(layers, p.fsdp_layers_per_unit, compute_dtype)
+    if k > 1 and _torch_version() < (2, 6):  # fully_shard takes a list of modules from torch 2.6
+        k = 1
+    model.fsdp_layers_per_unit = k
+    for i in range(0, len(layers), k):
+        # several consecutive layers in one unit: one gather, one set of hooks (fully_shard takes a list)
+        group = layers[i:i + k]
+        fully_shard(group if len(group) > 1 else group[0], reshard_after_forward=reshard, **kw)
     # Embeddings and LM head are the largest single tensors (vocab x hidden); separate units gather one at a time.
     # Tied weights must stay in one unit, so they are left to the root.
     emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
@@ -113,6 +123,21 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
                 fully_shard(m, reshard_after_forward=reshard, **kw)
     fully_shard(model, **kw)
     return model
+
+
+def _torch_version() -> tuple[int, int]:
+    major, minor = torch.__version__.split(".")[:2]
+    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
+
+
+def units_of(layers: list[nn.Module], requested: int, compute_dtype: torch.dtype) -> int:
+    """Decoder layers per FSDP unit (shardtune.plan.setup.fsdp_layers_per_unit), from the bytes one layer gathers:
+    every parameter at its full size, floating point ones in the compute dtype (FSDP's mixed-precision cast)."""
+    from shardtune.plan.setup import fsdp_layers_per_unit
+    elem = torch.tensor([], dtype=compute_dtype).element_size()
+    gather = sum(q.numel() * (elem if q.dtype.is_floating_point else q.element_size())
+                 for q in (layers[0].parameters() if layers else ()))
+    return fsdp_layers_per_unit(int(requested), gather, len(layers))
 
 
 def _is_fsdp_module(model: nn.Module) -> bool:

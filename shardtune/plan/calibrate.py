@@ -137,7 +137,8 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
         micro_batch=int(a.get("mb", 1)), seq_len=int(a.get("seq", 2048)), grad_accum=int(a.get("accum", 1)),
         grad_ckpt=bool(a.get("ckpt", 1)), precision=a.get("precision", "bf16"), lora_rank=16, lora_dropout=0.05,
         kernels="liger" if liger else "none",
-        fused_loss=_dist_loss_path(d, liger, strategy))
+        fused_loss=_dist_loss_path(d, liger, strategy),
+        fsdp_layers_per_unit=int(d.get("fsdp_layers_per_unit") or 1))  # runs before the option had one per unit
     ranks = d.get("ranks") or []
 
     def peak(key):
@@ -146,6 +147,7 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
     label = (f"{a['shape']} s{a.get('seq')} mb{a.get('mb')} {world}x {strategy}"
              f"{' z' + str(a.get('zero_stage')) if strategy in ('fsdp', 'deepspeed') else ''} ckpt{int(bool(a.get('ckpt', 1)))}"
              f"{' offload' if offload else ''}{' cap' + str(a['cap']) if a.get('cap') else ''}"
+             f"{' u' + str(d['fsdp_layers_per_unit']) if (d.get('fsdp_layers_per_unit') or 1) > 1 else ''}"
              f"{' fused' if strategy != 'none' and d.get('loss_path') == 'fused' else ''}")
     return [Record(label=label, model=model, gpus=gpus, setup=setup, peak_allocated=peak("peak_alloc_gb"),
                    peak_reserved=peak("peak_reserved_gb"), tokens_per_s=d.get("tokens_per_s"), source=source)]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from shardtune.model.shapes import LinearShape, ModelShape
 from shardtune.plan.constants import GiB
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
-from shardtune.plan.setup import TrainSetup
+from shardtune.plan.setup import TrainSetup, fsdp_layers_per_unit
 
 QUANT_BLOCK = 64          # bitsandbytes 4-bit block size (values per absmax)
 NESTED_BLOCK = 256        # double quantization: absmax values per second-level fp32 absmax
@@ -338,8 +338,9 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
         layer_gather = (w.per_layer if consts_sharded else w.per_layer - w.quant_consts / L) * gather_scale
         if setup.gathers_all_params:      # reshard_after_forward=False: every unit stays gathered until backward
             gathered = L * layer_gather + w.root * gather_scale
-        else:                             # the layer in use + the prefetched one, and the output projection
-            gathered = min(c.fsdp_prefetch_layers, L) * layer_gather + head
+        else:                             # the unit in use + the prefetched one, and the output projection
+            unit = fsdp_layers_per_unit(setup.fsdp_layers_per_unit, layer_gather, L) if setup.strategy == "fsdp" else 1
+            gathered = min(c.fsdp_prefetch_layers * unit, L) * layer_gather + head
         share = 0.0 if offload_params else 1.0 / N
     else:
         share = 1.0

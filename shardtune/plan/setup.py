@@ -14,6 +14,18 @@ from shardtune.errors import ConfigError
 METHODS = ("full", "lora", "qlora", "int8")
 STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+FSDP_PAIR_MAX_BYTES = 512 * 2 ** 20  # auto puts two decoder layers in one FSDP unit when they gather to this or less
+
+
+def fsdp_layers_per_unit(requested: int, layer_gather_bytes: float, layers: int) -> int:
+    """Decoder layers per FSDP unit. A unit costs host time in its hooks and a synchronisation of the ranks at each
+    gather; at small per-GPU batches a sharded QLoRA step is bound by that host time (docs/benchmarks.md: two 8B
+    layers per unit took a 2x H200 step from 0.81 to 0.57 s at micro batch 2). `0` (auto) pairs layers whose
+    gathered bytes are small (4-bit layers of 8B-13B models), keeping big layers (70B, 16-bit weights) one per unit
+    so the gathered memory stays small. The engine and the planner both decide with this function."""
+    if requested >= 1:
+        return min(requested, max(1, layers))
+    return 2 if layers >= 2 and 2 * layer_gather_bytes <= FSDP_PAIR_MAX_BYTES else 1
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class TrainSetup:
     optimizer: str = "adamw"            # adamw | adamw_8bit | paged_adamw_8bit
     kernels: str = "none"               # liger (fused RMSNorm/RoPE/SwiGLU) | none (transformers' modules)
     fused_loss: str = "none"            # none (full logits) | liger (fused linear CE) | chunked (2048-token chunks)
+    fsdp_layers_per_unit: int = 0       # fsdp: decoder layers per FSDP unit (0 = auto, see fsdp_layers_per_unit())
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -213,7 +226,8 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,
         double_quant=bool(cfg.quant.double_quant), optimizer=t.optimizer,
         kernels=kernels or resolve_kernels(getattr(t, "kernels", "none"), local),
-        fused_loss=fused_loss or resolve_fused_loss(getattr(t, "fused_loss", False), strategy, model_type, liger))
+        fused_loss=fused_loss or resolve_fused_loss(getattr(t, "fused_loss", False), strategy, model_type, liger),
+        fsdp_layers_per_unit=int(getattr(p, "fsdp_layers_per_unit", 0)))
 
 
 def apply_setup(cfg, setup: TrainSetup):

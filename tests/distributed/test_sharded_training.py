@@ -42,6 +42,9 @@ TWO_ACCUM = {"train.micro_batch_size": 2, "train.grad_accum": 2}
 JOBS = {
     "fsdp-lora": ("lora", {"parallel.strategy": "fsdp", **TWO_ACCUM}),
     "fsdp-qlora": ("qlora", {"parallel.strategy": "fsdp", "train.save_every": 3, **TWO}),
+    # auto puts both (small) decoder layers of the tiny model in one FSDP unit; this job keeps one layer per unit
+    "fsdp-qlora-1layer-units": ("qlora", {"parallel.strategy": "fsdp", "parallel.fsdp_layers_per_unit": 1,
+                                          **TWO_ACCUM}),
     "fsdp2-offload-qlora": ("qlora", {"parallel.strategy": "fsdp", "parallel.zero_stage": 2,
                                       "parallel.offload_optimizer": True, **TWO_ACCUM}),
     "ds2-lora": ("lora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 2, **TWO_ACCUM}),
@@ -181,7 +184,8 @@ def test_trajectory_matches_one_process(name, two_rank, reference):
     assert ref["losses"][-1] < ref["losses"][0] - 0.05
 
 
-@pytest.mark.parametrize("name", ["fsdp-qlora", "fsdp2-offload-qlora", "ds3-qlora", "ds3-offload-qlora"])
+@pytest.mark.parametrize("name", ["fsdp-qlora", "fsdp-qlora-1layer-units", "fsdp2-offload-qlora", "ds3-qlora",
+                                  "ds3-offload-qlora"])
 def test_each_rank_holds_half_of_the_4bit_storage(name, two_rank, reference):
     r = _job(two_rank, name)
     full_w, full_c = reference["qlora"]["q4"]
@@ -191,6 +195,12 @@ def test_each_rank_holds_half_of_the_4bit_storage(name, two_rank, reference):
         assert c == pytest.approx(full_c / 2, rel=0.10), f"rank {rank}: quant constants {c} vs full {full_c}"
     a, b = r["param_bytes"]
     assert abs(a - b) <= 0.05 * max(a, b), r["param_bytes"]
+
+
+def test_fsdp_layers_per_unit(two_rank):
+    """auto pairs the tiny model's two small layers into one unit (fully_shard on a list); asked for, one each."""
+    assert _job(two_rank, "fsdp-qlora")["fsdp_layers_per_unit"] == 2
+    assert _job(two_rank, "fsdp-qlora-1layer-units")["fsdp_layers_per_unit"] == 1
 
 
 def test_zero2_and_ddp_keep_a_full_replica(two_rank, reference):

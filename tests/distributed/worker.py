@@ -168,6 +168,7 @@ def main() -> None:
                 model = tr.engine.unwrapped()
                 res["q4"] = all_gather_ints(list(quant4_bytes(model)))
                 res["param_bytes"] = [v[0] for v in all_gather_ints([tr.engine.local_param_bytes()])]
+                res["fsdp_layers_per_unit"] = getattr(model, "fsdp_layers_per_unit", None)
                 if "imbalance" in job.get("probes", []):
                     res["imbalance_error"] = probe_imbalance(tr.engine)
                 r = tr.run()

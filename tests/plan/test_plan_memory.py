@@ -145,6 +145,28 @@ def test_sharding_divides_weights_and_states():
     assert ddp.gpu["comm: grad buckets"] == 4 * P and ddp.gpu["optimizer states"] == 8 * P
 
 
+def test_fsdp_units_of_several_layers_gather_more():
+    hw = parse_gpus("2xH100")
+    one = predict_memory(SHAPE, Q.replace(strategy="fsdp", world_size=2, gpus_per_node=2, fsdp_layers_per_unit=1), hw)
+    two = predict_memory(SHAPE, Q.replace(strategy="fsdp", world_size=2, gpus_per_node=2, fsdp_layers_per_unit=2), hw)
+    key = "comm: gathered params (fsdp/zero3)"
+    layer = weight_bytes(SHAPE, Q).per_layer
+    assert two.gpu[key] - one.gpu[key] == pytest.approx(min(4, SHAPE.layers) * layer - 2 * layer)
+    assert two.gpu["weights: 4-bit data"] == one.gpu["weights: 4-bit data"]  # what rests on each GPU is unchanged
+
+
+def test_auto_pairs_small_layers_only():
+    from shardtune.plan.setup import FSDP_PAIR_MAX_BYTES, fsdp_layers_per_unit
+    assert fsdp_layers_per_unit(0, FSDP_PAIR_MAX_BYTES / 2, 32) == 2        # an 8B 4-bit layer is ~113 MB
+    assert fsdp_layers_per_unit(0, FSDP_PAIR_MAX_BYTES / 2 + 1, 80) == 1    # a 70B 4-bit layer is ~430 MB
+    assert fsdp_layers_per_unit(0, 10, 1) == 1                               # nothing to pair
+    assert fsdp_layers_per_unit(3, 10**12, 32) == 3 and fsdp_layers_per_unit(8, 10, 4) == 4  # explicit, capped
+    hw = parse_gpus("2xH100")
+    auto = predict_memory(SHAPE, Q.replace(strategy="fsdp", world_size=2, gpus_per_node=2), hw)
+    two = predict_memory(SHAPE, Q.replace(strategy="fsdp", world_size=2, gpus_per_node=2, fsdp_layers_per_unit=2), hw)
+    assert auto.gpu == two.gpu                                               # the test model's layers are small
+
+
 def test_offload_moves_states_and_parameters_to_cpu():
     hw = parse_gpus("4xH100")
     st = Q.replace(strategy="deepspeed", zero_stage=3, world_size=4, gpus_per_node=4, offload_optimizer=True)
