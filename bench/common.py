@@ -5,30 +5,44 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# Hidden sizes etc. from the models' published config.json files (meta-llama/Meta-Llama-3-8B, Llama-3.2-1B/3B,
-# Llama-2-13b, Llama-2-70b).
+# Public architecture shapes from the models' config.json files (meta-llama/Meta-Llama-3-8B, Llama-3.2-1B/3B,
+# Llama-2-13b/70b, Qwen/Qwen2.5-14B/72B); the benchmarks' weights are random. The one table every bench script uses.
 SHAPES = {
-    "tiny": dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, vocab_size=1000, rope_theta=10000.0, tie_word_embeddings=False),
-    "llama3-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=False),
-    "llama3-1b": dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
-    "llama3-3b": dict(hidden_size=3072, intermediate_size=8192, num_hidden_layers=28, num_attention_heads=24,
-                      num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, tie_word_embeddings=True),
-    "llama2-13b": dict(hidden_size=5120, intermediate_size=13824, num_hidden_layers=40, num_attention_heads=40,
-                       num_key_value_heads=40, vocab_size=32000, rope_theta=10000.0, tie_word_embeddings=False),
-    "llama2-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                       num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0, tie_word_embeddings=False),
+    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      tie_word_embeddings=False),
+    "llama3-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
+                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      tie_word_embeddings=True),
+    "llama3-3b": dict(model_type="llama", hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                      num_attention_heads=24, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                      tie_word_embeddings=True),
+    "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
+                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000, rope_theta=10000.0,
+                       tie_word_embeddings=False),
+    "qwen2.5-14b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
+                        rms_norm_eps=1e-6),
+    "llama2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0,
+                       tie_word_embeddings=False),
+    "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                        num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
+                        rms_norm_eps=1e-6),
 }
 
 H100_BF16_CEILING = 800e12  # measured dense bf16 matmul ceiling on this workplace's H100/H200 (device README)
 
 
-def llama_config(shape: str, max_pos: int = 8192):
-    from transformers import LlamaConfig
-    return LlamaConfig(max_position_embeddings=max_pos, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2,
-                       pad_token_id=0, **SHAPES[shape])
+def hf_config(shape: str, max_pos: int = 8192):
+    """The transformers config of a SHAPES entry."""
+    from transformers import AutoConfig
+    spec = dict(SHAPES[shape])
+    kw = dict(max_position_embeddings=max_pos, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    kw.update(spec)
+    return AutoConfig.for_model(kw.pop("model_type"), **kw)
 
 
 def write_random_checkpoint(shape: str, out: Path, device: str = "cuda", seed: int = 0) -> Path:
@@ -41,7 +55,7 @@ def write_random_checkpoint(shape: str, out: Path, device: str = "cuda", seed: i
     if (out / "config.json").exists():
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-    write_shards(tmp, llama_config(shape), seed=seed, device=device)
+    write_shards(tmp, hf_config(shape), seed=seed, device=device)
     build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(tmp)
     os.replace(tmp, out)
     return out
@@ -75,7 +89,7 @@ def write_config_dir(shape: str, out: Path) -> Path:
         return out
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
-    llama_config(shape).save_pretrained(tmp)
+    hf_config(shape).save_pretrained(tmp)
     from shardtune.model.tiny import build_tokenizer
     build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(tmp)
     os.replace(tmp, out)  # other ranks wait for the directory to appear complete

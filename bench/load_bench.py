@@ -35,41 +35,10 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-SHAPES = {
-    # Public architecture shapes (config.json of the named models); weights are random.
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
-                 num_key_value_heads=2, vocab_size=512),
-    "llama3-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0),
-    "llama2-13b": dict(model_type="llama", hidden_size=5120, intermediate_size=13824, num_hidden_layers=40,
-                       num_attention_heads=40, num_key_value_heads=40, vocab_size=32000),
-    "qwen2.5-14b": dict(model_type="qwen2", hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
-                        num_attention_heads=40, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
-                        rms_norm_eps=1e-6),
-    "llama2-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                       num_attention_heads=64, num_key_value_heads=8, vocab_size=32000),
-    "qwen2.5-72b": dict(model_type="qwen2", hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
-                        num_attention_heads=64, num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
-                        rms_norm_eps=1e-6),
-}
+from bench.common import SHAPES, hf_config, write_config_dir  # noqa: E402  (one shape table for every bench)
 
 
 # ------------------------------------------------------------------------------------------------ model dirs
-
-def hf_config(shape: str):
-    from transformers import AutoConfig
-    spec = dict(SHAPES[shape])
-    mt = spec.pop("model_type")
-    return AutoConfig.for_model(mt, max_position_embeddings=4096, **spec)
-
-
-def write_config_dir(out_dir: Path, shape: str) -> Path:
-    """A model directory with config.json only (what a random build needs)."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    hf_config(shape).save_pretrained(out_dir)
-    return out_dir
-
 
 def checkpoint_tensors(config) -> list[tuple[str, tuple[int, ...]]]:
     """(name, shape) of every tensor a checkpoint of `config` holds: persistent state, tied weights once."""
@@ -394,7 +363,7 @@ def main(argv=None) -> dict:
         if args.reference:
             by_nproc.setdefault(1, []).insert(0, {"kind": "reference", "shape": args.shape, "dir": args.ckpt_dir})
     if args.mode in ("random", "both"):
-        cdir = write_config_dir(Path(tempfile.mkdtemp(prefix="shardtune-random-")), args.random_shape)
+        cdir = write_config_dir(args.random_shape, Path(tempfile.mkdtemp(prefix="shardtune-random-")) / "model")
         for n in [int(x) for x in args.random_nproc.split(",") if x]:
             by_nproc.setdefault(n, []).append({"kind": "random", "shape": args.random_shape, "dir": str(cdir)})
     for n in sorted(by_nproc):

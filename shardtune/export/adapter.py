@@ -6,7 +6,6 @@ adapter directory are accepted the same way and a missing piece is reported once
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from dataclasses import dataclass, field
@@ -14,6 +13,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from shardtune.errors import ConfigError, EnvironmentProblem, ModelError
+from shardtune.jsonfile import read_json_object
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +48,7 @@ class RunInfo:
 
 
 def _read_json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"'{path}' is not valid JSON (line {e.lineno}: {e.msg}); re-run training or fix the file") from None
-    if not isinstance(data, dict):
-        raise ModelError(f"'{path}' must hold a JSON object; re-run training or fix the file")
-    return data
+    return read_json_object(path, f"'{path}'", "re-run training or fix the file", ModelError)
 
 
 def _check_base(base: str, where: str) -> str:

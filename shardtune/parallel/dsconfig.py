@@ -18,13 +18,13 @@ Rules for a user JSON (documented in docs/distributed.md):
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from shardtune.errors import ConfigError
+from shardtune.jsonfile import read_json_object
 
 AUTO = "auto"
 QUIET_STEPS = 10**9  # DeepSpeed prints progress every steps_per_print; shardtune logs itself
@@ -81,16 +81,8 @@ def _precision_flags(dtype: torch.dtype) -> tuple[bool, bool]:
 
 
 def _load_json(path: str) -> dict:
-    p = Path(path).expanduser()
-    if not p.is_file():
-        raise ConfigError(f"parallel.deepspeed_config '{path}' not found; pass the path of a DeepSpeed JSON file")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"parallel.deepspeed_config '{path}:{e.lineno}' is not valid JSON ({e.msg})") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"parallel.deepspeed_config '{path}' must hold a JSON object")
-    return data
+    return read_json_object(path, f"parallel.deepspeed_config '{path}'", "fix the file or drop the setting",
+                            ConfigError, missing="pass the path of a DeepSpeed JSON file")
 
 
 def _persistence_threshold(hidden_size: int | None, min_quant_numel: int | None) -> int:

@@ -42,6 +42,6 @@ def test_dry_run_two_ranks(load_bench, tmp_path):
 
 
 def test_single_process_task_in_process(load_bench, tmp_path):
-    d = load_bench.write_config_dir(tmp_path / "cfg", "tiny")
+    d = load_bench.write_config_dir("tiny", tmp_path / "cfg")
     r = load_bench._run_task({"kind": "random", "shape": "tiny", "dir": str(d)}, torch.device("cpu"), torch.float32, 1)
     assert r["forward_ok"] and r["nproc"] == 1 and r["loader"]["tensors"] > 0
