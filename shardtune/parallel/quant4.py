@@ -194,11 +194,6 @@ class ShardedLinear4bit(bnb.nn.Linear4bit):
         blob = blob.to_local() if hasattr(blob, "to_local") else blob
         return w, blob
 
-    def packed_and_state(self, device: torch.device):
-        """(packed weight, bitsandbytes QuantState) for code that wants bitsandbytes' own objects."""
-        w, blob = self._packed_and_blob()
-        return w, self.layout.unpack(blob, self._device_codes(device))
-
     def dequantized(self, device: torch.device) -> torch.Tensor:
         w, blob = self._packed_and_blob()
         return self.layout.dequantize(w, blob, self._device_codes(device))
