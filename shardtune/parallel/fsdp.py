@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from packaging.version import Version
 from torch import nn
 
 from shardtune.errors import ConfigError
@@ -103,7 +104,7 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
     if int(p.fsdp_layers_per_unit) < 0:
         raise ConfigError(f"parallel.fsdp_layers_per_unit={p.fsdp_layers_per_unit}; use 0 (auto) or 1 or more")
     k = units_of(layers, p.fsdp_layers_per_unit, compute_dtype)
-    if k > 1 and _torch_version() < (2, 6):  # fully_shard takes a list of modules from torch 2.6
+    if k > 1 and Version(torch.__version__).release < (2, 6):  # fully_shard takes a list of modules from torch 2.6
         k = 1
     model.fsdp_layers_per_unit = k
     for i in range(0, len(layers), k):
@@ -123,11 +124,6 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
                 fully_shard(m, reshard_after_forward=reshard, **kw)
     fully_shard(model, **kw)
     return model
-
-
-def _torch_version() -> tuple[int, int]:
-    major, minor = torch.__version__.split(".")[:2]
-    return int(major), int("".join(ch for ch in minor if ch.isdigit()) or 0)
 
 
 def units_of(layers: list[nn.Module], requested: int, compute_dtype: torch.dtype) -> int:

@@ -59,13 +59,7 @@ class QuantLayout:
         return (self.numel + 1) // mod
 
     @cached_property
-    def _offsets_cached(self) -> tuple[int, int, int, int]:
-        return self._compute_offsets()
-
     def _offsets(self) -> tuple[int, int, int, int]:
-        return self._offsets_cached
-
-    def _compute_offsets(self) -> tuple[int, int, int, int]:
         """Byte offsets: absmax, nested absmax (4-aligned), offset scalar, total (padded to the storage itemsize)."""
         absmax_bytes = self.n_blocks * (1 if self.nested else 4)
         nested_at = -(-absmax_bytes // 4) * 4
@@ -77,15 +71,15 @@ class QuantLayout:
     @property
     def blob_numel(self) -> int:
         item = torch.tensor([], dtype=self.storage_dtype).element_size()
-        return self._offsets()[3] // item
+        return self._offsets[3] // item
 
     @property
     def blob_bytes(self) -> int:
-        return self._offsets()[3]
+        return self._offsets[3]
 
     def pack(self, qs) -> torch.Tensor:
         """The constants of `qs` (a bitsandbytes QuantState) as a 1-D tensor of storage dtype."""
-        _, nested_at, offset_at, total = self._offsets()
+        _, nested_at, offset_at, total = self._offsets
         out = torch.zeros(total, dtype=torch.uint8, device=qs.absmax.device)
         a = qs.absmax.detach().contiguous().view(-1)
         if self.nested:
@@ -104,7 +98,7 @@ class QuantLayout:
     def unpack(self, blob: torch.Tensor, codes: tuple[torch.Tensor, torch.Tensor | None]):
         """A QuantState whose tensors are views into `blob` (the gathered parameter)."""
         b = blob.reshape(-1).view(torch.uint8)
-        _, nested_at, offset_at, _ = self._offsets()
+        _, nested_at, offset_at, _ = self._offsets
         code, nested_code = codes
         shape = torch.Size([self.out_features, self.in_features])
         if self.nested:
@@ -116,7 +110,6 @@ class QuantLayout:
         return bnbF.QuantState(absmax=_f32(b, 0, self.n_blocks), shape=shape, code=code,
                                blocksize=self.blocksize, quant_type=self.quant_type, dtype=self.weight_dtype)
 
-
     def dequantize(self, packed: torch.Tensor, blob: torch.Tensor,
                    codes: tuple[torch.Tensor, torch.Tensor | None]) -> torch.Tensor:
         """The [out, in] weight in `weight_dtype`: the same bitsandbytes kernels (and so the same numbers) as
@@ -124,7 +117,7 @@ class QuantLayout:
         and step (forward, recomputation, backward); building QuantState objects each time cost more host time than
         the kernels take on the GPU, and a sharded step is bound by host time (docs/benchmarks.md)."""
         b = blob.reshape(-1).view(torch.uint8)
-        _, nested_at, offset_at, _ = self._offsets()
+        _, nested_at, offset_at, _ = self._offsets
         if self.nested:
             absmax = torch.ops.bitsandbytes.dequantize_blockwise.default(
                 b[:self.n_blocks], _f32(b, nested_at, self.n_nested_blocks), codes[1], NESTED_BLOCKSIZE,
