@@ -340,6 +340,9 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"lora.dropout: invalid value {lora.dropout}; must be in [0, 1)")
     if t.max_steps <= 0 and t.epochs <= 0:
         raise ConfigError("train.max_steps and train.epochs are both <= 0; set one of them")
+    if cfg.parallel.fsdp_layers_per_unit < 0:
+        raise ConfigError(f"parallel.fsdp_layers_per_unit: invalid value {cfg.parallel.fsdp_layers_per_unit}; "
+                          "must be 0 (auto) or >= 1")
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
         lora.target_modules = [m.strip() for m in lora.target_modules.split(",") if m.strip()]
 

@@ -41,6 +41,11 @@ def test_bad_value_names_key_value_and_allowed(capsys):
     _one_line_error(*_run(capsys, "config", "show", "train.method=qlorra"), "train.method", "qlorra", "qlora")
 
 
+def test_negative_fsdp_layers_per_unit_is_refused(capsys):
+    _one_line_error(*_run(capsys, "config", "show", "parallel.fsdp_layers_per_unit=-1"),
+                    "parallel.fsdp_layers_per_unit", "-1", "0 (auto)")
+
+
 def test_config_show_resolves_defaults_and_overrides(capsys):
     assert main(["config", "show", "lora.r=32", "train.lr=1e-4"]) == 0
     out = capsys.readouterr().out

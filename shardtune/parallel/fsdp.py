@@ -101,8 +101,6 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
     reshard = p.zero_stage == 3
     kw = dict(mesh=mesh, mp_policy=mp, offload_policy=off)
     layers = decoder_layers(model)
-    if int(p.fsdp_layers_per_unit) < 0:
-        raise ConfigError(f"parallel.fsdp_layers_per_unit={p.fsdp_layers_per_unit}; use 0 (auto) or 1 or more")
     k = units_of(layers, p.fsdp_layers_per_unit, compute_dtype)
     if k > 1 and Version(torch.__version__).release < (2, 6):  # fully_shard takes a list of modules from torch 2.6
         k = 1
