@@ -2,7 +2,8 @@
 
 Layout of an output dir:
   adapter/                       PEFT adapter (adapter_config.json, adapter_model.safetensors) + tokenizer
-  checkpoints/step-000040/       engine state (sharded where the engine shards), adapter/, COMPLETE marker
+  checkpoints/step-000040/       engine state (sharded where the engine shards), adapter/, engine.json (which
+                                 engine on how many ranks wrote it), COMPLETE marker
   shardtune_run.json             resolved config, base model dir, method, precision, summary
 """
 
@@ -14,6 +15,27 @@ import shutil
 from pathlib import Path
 
 COMPLETE = "COMPLETE"
+ENGINE_FILE = "engine.json"
+
+# how each engine stores its optimizer state: none and DDP write one replicated file; FSDP2 writes a distributed
+# checkpoint that torch re-shards for any number of ranks; DeepSpeed's ZeRO files only load on the same rank count
+_STATE_FORMAT = {"none": "replicated", "ddp": "replicated", "fsdp": "dcp", "deepspeed": "deepspeed"}
+
+
+def resume_problem(saved: dict, strategy: str, world_size: int) -> str | None:
+    """Why a checkpoint written by engine `saved` ({"strategy", "world_size"}) cannot resume under `strategy` on
+    `world_size` ranks (None if it can)."""
+    was, ranks = saved.get("strategy"), int(saved.get("world_size", 1))
+    if was not in _STATE_FORMAT:
+        return None
+    where = f"parallel.strategy={was} on {ranks} rank(s)"
+    if _STATE_FORMAT[was] != _STATE_FORMAT.get(strategy):
+        return (f"it was written by {where} and this run uses {strategy}, which stores optimizer state differently; "
+                f"resume with parallel.strategy={was}, or set train.resume=false to start over")
+    if was == "deepspeed" and ranks != world_size:
+        return (f"it was written by {where} and DeepSpeed's ZeRO state only loads on the same number of ranks; "
+                f"launch {ranks} processes, or set train.resume=false to start over")
+    return None
 
 
 def step_dir(out: Path, step: int) -> Path:

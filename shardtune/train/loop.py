@@ -8,6 +8,7 @@ independent of how the global batch is split over ranks and micro steps.
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from shardtune.errors import ConfigError
 from shardtune.parallel import dist_info_from_env, make_engine, resolve_strategy
 from shardtune.train import checkpoint as ckpt
 from shardtune.train.loss import can_fuse, fused_loss_sum, head_fused_loss_sum, logits_loss_sum
@@ -163,6 +165,12 @@ class Trainer:
             if last is None:
                 self.say(f"resume: no complete checkpoint in {self.out / 'checkpoints'}; starting from step 0")
             else:
+                engine_file = last / ckpt.ENGINE_FILE
+                if engine_file.is_file():
+                    problem = ckpt.resume_problem(json.loads(engine_file.read_text()), self.strategy,
+                                                  self.dist.world_size)
+                    if problem:
+                        raise ConfigError(f"train.resume: cannot continue from {last}: {problem}")
                 client = self.engine.load_checkpoint(last)
                 self.start_step = int(client["step"])
                 self.say(f"resume: continuing from {last} (step {self.start_step})")
@@ -363,6 +371,8 @@ class Trainer:
             d.mkdir(parents=True, exist_ok=True)
         self.engine.barrier()
         self.engine.save_checkpoint(d, {"step": step})
+        if self.dist.is_main:
+            ckpt.write_json_atomic(d / ckpt.ENGINE_FILE, {"strategy": self.strategy, "world_size": self.dist.world_size})
         sd = self.engine.trainable_state_dict()
         if self.dist.is_main:
             ckpt.save_adapter(self.engine.unwrapped(), sd, self.tokenizer, d / "adapter",

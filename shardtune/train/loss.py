@@ -109,7 +109,9 @@ def head_fused_loss_sum(model, batch: dict, dtype: torch.dtype, device, chunk_to
 
     def scored_forward(hidden):
         h = hidden[:, :-1, :].reshape(-1, hidden.size(-1))[keep]
-        return _score(h, y, head, project, liger, chunk_tokens).view(1, 1, 1)
+        # a fresh tensor, not a view: FSDP2 hooks the output layer's result for its backward, and warns that an
+        # in-place op on a returned view would drop that hook
+        return _score(h, y, head, project, liger, chunk_tokens).reshape(1, 1, 1).clone()
 
     head.forward = scored_forward
     try:

@@ -256,6 +256,50 @@ def test_resume_from_sharded_checkpoint_continues_the_trajectory(name, two_rank)
     assert resumed["eval_losses"][-1] == pytest.approx(full["eval_losses"][-1], rel=RTOL)
 
 
+def _resume_in_one_process(setup_paths, two_rank, tmp_path, src: str, **overrides):
+    """Continue the 2-rank job `src` from its step-3 checkpoint in this process (one rank, same global batch)."""
+    import shutil
+
+    from shardtune.config import load_config
+    from shardtune.train.loop import Trainer
+    from support import run_overrides
+    model, data, _ = setup_paths
+    out = tmp_path / "resumed"
+    shutil.copytree(_job(two_rank, src)["out"], out)
+    shutil.rmtree(out / "adapter")
+    (out / "metrics.jsonl").unlink()
+    lines: list[str] = []
+    cfg = load_config(None, run_overrides(model, data, out, **{**COMMON, **ONE_PROC, "train.method": JOBS[src][0],
+                                                               "train.resume": True, **overrides}))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return Trainer(cfg, out=lines.append).run(), lines
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_fsdp_checkpoint_resumes_on_another_rank_count(setup_paths, two_rank, tmp_path):
+    """A 2-rank FSDP2 checkpoint continues on one rank (torch's distributed checkpoint re-shards on load) along the
+    same trajectory."""
+    import torch.distributed as dist
+    full = _job(two_rank, "fsdp-qlora")
+    try:
+        res, lines = _resume_in_one_process(setup_paths, two_rank, tmp_path, "fsdp-qlora",
+                                            **{"parallel.strategy": "fsdp"})
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert any("resume: continuing from" in ln and "step 3" in ln for ln in lines), lines
+    assert res.losses == pytest.approx(full["losses"][3:], rel=RTOL)
+
+
+def test_resume_under_another_engine_is_a_clear_error(setup_paths, two_rank, tmp_path):
+    from shardtune.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"written by parallel.strategy=fsdp on 2 rank.*train.resume=false"):
+        _resume_in_one_process(setup_paths, two_rank, tmp_path, "fsdp-qlora", **{"parallel.strategy": "none"})
+
+
 def test_deepspeed_json_with_auto_values_runs_unmodified(two_rank, reference):
     r = _job(two_rank, "ds-auto-json")
     assert two_rank["_json_unchanged"]
