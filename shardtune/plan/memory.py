@@ -392,6 +392,8 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
         cpu_off["weights (offloaded shards)"] = (w.total / N) * setup.gpus_per_node
     if master_gpu:
         gpu["fp32 master (ZeRO)"] = master_gpu
+    if setup.strategy == "deepspeed" and setup.zero_stage == 3:
+        gpu["ZeRO-3 runtime (measured, not derived)"] = c.ds_zero3_extra_bytes
     grads_key = "gradients (fp32)"
     gpu["optimizer states"] = states_gpu
     if bucket:
