@@ -27,7 +27,6 @@ import platform
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -127,40 +126,6 @@ def ensure_checkpoint(out_dir: Path, shape: str, dtype, shard_bytes: int) -> dic
 
 # ------------------------------------------------------------------------------------------------ measurement
 
-class PeakRSS:
-    """Peak resident memory of this process from now on: psutil sampled every 2 ms, and the kernel's VmHWM (reset
-    at start where Linux allows it)."""
-
-    def __init__(self):
-        import psutil
-        self._proc = psutil.Process()
-        self.baseline = self._proc.memory_info().rss
-        self.peak = self.baseline
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self._hwm = True
-        except OSError:
-            self._hwm = False
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._run, daemon=True)
-        self._t.start()
-
-    def _run(self):
-        while not self._stop.wait(0.002):
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    def stop(self) -> dict:
-        self._stop.set()
-        self._t.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-        if self._hwm:
-            for line in Path("/proc/self/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
-                    self.peak = max(self.peak, int(line.split()[1]) * 1024)
-        return {"rss_baseline_bytes": self.baseline, "peak_rss_bytes": self.peak,
-                "rss_growth_bytes": self.peak - self.baseline}
-
-
 def _gpu_stats(device) -> dict:
     import torch
     if device.type != "cuda":
@@ -209,7 +174,8 @@ def _run_task(task: dict, device, dtype, world: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    rss = PeakRSS()
+    from shardtune.model.stream import MemoryMonitor
+    rss = MemoryMonitor(torch.device("cpu"), interval_s=0.002).start()  # host RSS only; _gpu_stats reads the GPU
     t0 = time.perf_counter()
     if task["kind"] == "reference":
         from shardtune.model.load import build_model
@@ -231,7 +197,8 @@ def _run_task(task: dict, device, dtype, world: int) -> dict:
         torch.cuda.synchronize(device)
     seconds = time.perf_counter() - t0
     out = {"task": task["kind"], "shape": task["shape"], "nproc": world, "load_seconds": round(seconds, 3),
-           **rss.stop(), **_gpu_stats(device), "param_bytes_local": _param_bytes(model), "loader": loader}
+           "rss_baseline_bytes": rss.baseline, "peak_rss_bytes": rss.stop(),
+           "rss_growth_bytes": rss.peak - rss.baseline, **_gpu_stats(device), "param_bytes_local": _param_bytes(model), "loader": loader}
     # prove the loaded model runs: one short forward (gathers shards under FSDP)
     try:
         ids = torch.randint(0, 100, (1, 64), device=device)

@@ -601,20 +601,22 @@ def _hwm() -> int:
     return 0
 
 
-class _MemoryMonitor:
-    """Peak host RSS during a load: the kernel's exact high-water mark when it can be reset, else psutil sampled every
-    few ms on a thread; peak device memory from the CUDA allocator."""
+class MemoryMonitor:
+    """Peak host RSS from `start()` to `stop()` (or over a `with` block): the kernel's exact high-water mark when it
+    can be reset, and psutil sampled every `interval_s` on a thread; peak device memory from the CUDA allocator.
+    The streamed loader reports with it, and the load benchmark and memory tests measure with it."""
 
     def __init__(self, device: torch.device, interval_s: float = 0.005):
         self.device = device
         self.interval_s = interval_s
         self.peak = 0
+        self.peak_gpu = None
         self._stop = threading.Event()
 
-    def __enter__(self):
-        self.start = _rss()
+    def start(self) -> "MemoryMonitor":
+        self.baseline = _rss()
         self.hwm_ok = _reset_hwm()
-        self.peak = self.start
+        self.peak = self.baseline
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -630,20 +632,28 @@ class _MemoryMonitor:
         if r > self.peak:
             self.peak = r
 
-    def __exit__(self, *exc):
+    def stop(self) -> int:
+        """Ends the sampling; returns the peak RSS in bytes."""
         self._stop.set()
         self._thread.join()
         self.sample()
         if self.hwm_ok:
             self.peak = max(self.peak, _hwm())
         self.peak_gpu = torch.cuda.max_memory_allocated(self.device) if self.device.type == "cuda" else None
+        return self.peak
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
         return False
 
 
 # ------------------------------------------------------------------------------------------------ materialize
 
 def _convert(entry, tgt: Target, spec: QuantSpec, device: torch.device, dtype: torch.dtype,
-             chunk_bytes: int, monitor: _MemoryMonitor):
+             chunk_bytes: int, monitor: MemoryMonitor):
     """Read `entry` chunk by chunk into its final form on `device`: (value, quant_state-or-None)."""
     cur = tgt.current
     shape = tuple(entry.shape)
@@ -805,7 +815,7 @@ def materialize(model: nn.Module, model_dir: Path, cfg, device: torch.device, dt
     rank, world = _dist_rank_world()
     report = LoadReport(rank=rank, world_size=world, device=str(device))
     t0 = time.perf_counter()
-    with _MemoryMonitor(device) as mon:
+    with MemoryMonitor(device) as mon:
         for entry in (entries if entries is not None else list_checkpoint(model_dir)):
             targets = names.targets(entry.key)
             if not targets:
@@ -843,7 +853,7 @@ def materialize(model: nn.Module, model_dir: Path, cfg, device: torch.device, dt
         raise ModelError(f"checkpoint in {model_dir} lacks {len(missing)} weight(s) the model needs (e.g. "
                          f"{', '.join(missing[:3])}); is config.json from the same model as the weights?")
     report.seconds = time.perf_counter() - t0
-    report.rss_start_bytes = mon.start
+    report.rss_start_bytes = mon.baseline
     report.peak_rss_bytes = mon.peak
     report.peak_gpu_bytes = mon.peak_gpu
     return report

@@ -14,10 +14,8 @@ import hashlib
 import json
 import os
 import sys
-import threading
 from pathlib import Path
 
-import psutil
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,40 +24,7 @@ sys.path.insert(0, str(REPO))
 from shardtune.config import RunConfig  # noqa: E402
 import peft  # noqa: E402,F401 - imported here so import memory is in the baseline
 from shardtune.model.load import build_model  # noqa: E402,F401
-from shardtune.model.stream import build_streamed_model, fsdp_place, gather_load_reports  # noqa: E402
-
-
-def _hwm() -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-class Peak:
-    def __init__(self):
-        self.proc = psutil.Process()
-        gc.collect()
-        self.baseline = self.proc.memory_info().rss
-        try:
-            Path("/proc/self/clear_refs").write_text("5")
-            self.hwm = True
-        except OSError:
-            self.hwm = False
-        self.peak = self.baseline
-        self.stop_ev = threading.Event()
-        self.t = threading.Thread(target=self.run, daemon=True)
-        self.t.start()
-
-    def run(self):
-        while not self.stop_ev.wait(0.002):
-            self.peak = max(self.peak, self.proc.memory_info().rss)
-
-    def stop(self) -> int:
-        self.stop_ev.set()
-        self.t.join()
-        peak = max(self.peak, self.proc.memory_info().rss, _hwm() if self.hwm else 0)
-        return peak
+from shardtune.model.stream import MemoryMonitor, build_streamed_model, fsdp_place, gather_load_reports  # noqa: E402
 
 
 def digests(model) -> dict:
@@ -104,7 +69,8 @@ def main() -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(model_dir))]
 
-    peak = Peak()
+    gc.collect()
+    peak = MemoryMonitor(cpu, interval_s=0.002).start()
     torch.manual_seed(0)
     model = build_streamed_model(config(model_dir), Path(model_dir), cpu, torch.float32, place=place, shard=shard)
     result = {"rank": rank, "world_size": world, "baseline_rss": peak.baseline, "peak_rss": peak.stop(),
