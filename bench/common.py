@@ -49,7 +49,7 @@ def write_random_checkpoint(shape: str, out: Path, device: str = "cuda", seed: i
     """A real HF directory (config.json, bf16 safetensors shards, a small tokenizer) with N(0, 0.02) weights, written
     once per shape by bench/load_bench.py's shard-at-a-time writer; the directory appears complete or not at all."""
     from bench.load_bench import write_random_checkpoint as write_shards
-    from shardtune.model.tiny import build_tokenizer
+    from shardtune.builtin.tiny_model import build_tokenizer
 
     out = Path(out)
     if (out / "config.json").exists():
@@ -90,7 +90,7 @@ def write_config_dir(shape: str, out: Path) -> Path:
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     hf_config(shape).save_pretrained(tmp)
-    from shardtune.model.tiny import build_tokenizer
+    from shardtune.builtin.tiny_model import build_tokenizer
     build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(tmp)
     os.replace(tmp, out)  # other ranks wait for the directory to appear complete
     return out

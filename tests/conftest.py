@@ -27,7 +27,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(arch) -> path of a tiny HF model directory of that architecture (built once per session)."""
-    from shardtune.model.tiny import build_tiny_model_dir
+    from shardtune.builtin.tiny_model import build_tiny_model_dir
     made: dict[str, Path] = {}
 
     def get(arch: str = "llama") -> Path:

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from shardtune.builtin.templates import ALPACA_TEMPLATE, CHATML_TEMPLATE, LLAMA3_TEMPLATE, PLAIN_TEMPLATE
 from shardtune.errors import DataError
-from shardtune.model.tiny import CHATML_TEMPLATE
 
 FORMATS = ("alpaca", "messages", "sharegpt", "prompt_completion", "text", "text2sql")
 
@@ -258,25 +258,7 @@ def to_example(record, fmt: str) -> Example:
 
 # ------------------------------------------------------------------------------------------------ chat templates
 
-# Written without relying on Jinja whitespace options, so they render the same under any environment.
-LLAMA3_TEMPLATE = (
-    "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
-    " + message['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
-)
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
-ALPACA_TEMPLATE = (
-    "{% if messages[0]['role'] != 'system' %}{{ '" + ALPACA_PREAMBLE + "\n\n' }}{% endif %}"
-    "{% for message in messages %}{% if message['role'] == 'system' %}{{ message['content'] + '\n\n' }}"
-    "{% elif message['role'] == 'assistant' %}{{ '### Response:\n' + message['content'] + eos_token }}"
-    "{% else %}{{ '### Instruction:\n' + message['content'] + '\n\n' }}{% endif %}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '### Response:\n' }}{% endif %}"
-)
-PLAIN_TEMPLATE = (
-    "{% for message in messages %}{% if message['role'] == 'assistant' %}{{ message['content'] + eos_token }}"
-    "{% else %}{{ message['content'] + '\n' }}{% endif %}{% endfor %}"
-)
+# The template texts live in shardtune.builtin.templates (the built-in tokenizer is trained on ChatML).
 BUILTIN_TEMPLATES = {"chatml": CHATML_TEMPLATE, "llama3": LLAMA3_TEMPLATE, "alpaca": ALPACA_TEMPLATE,
                      "plain": PLAIN_TEMPLATE}
 CHAT_TEMPLATES = BUILTIN_TEMPLATES  # the name shardtune.export.generate looks up

@@ -23,9 +23,9 @@ from typing import Iterator
 import torch
 from jinja2.exceptions import TemplateError
 
+from shardtune.builtin.toy_sql import BUILTIN_DATA, toy_sql_records
 from shardtune.data import formats
 from shardtune.data.formats import BadRecord, Example
-from shardtune.data.toy_sql import BUILTIN_DATA, toy_sql_records
 from shardtune.errors import DataError
 
 IGNORE_INDEX = -100

@@ -12,7 +12,7 @@ from data_helpers import data_cfg, prompt_text, target_text
 from shardtune.config import BUILTIN_DATA as CONFIG_BUILTIN_DATA
 from shardtune.data.formats import detect_format
 from shardtune.data.pipeline import build_datasets
-from shardtune.data.toy_sql import BUILTIN_DATA, TABLES, builtin_corpus, toy_sql_records
+from shardtune.builtin.toy_sql import BUILTIN_DATA, TABLES, builtin_corpus, toy_sql_records
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data" / "text2sql"
 needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} not present (published data not checked out)")
@@ -34,7 +34,7 @@ def test_toy_sql_is_deterministic_and_sized():
 def test_toy_sql_fits_the_builtin_tokenizer():
     """Rendered with the built-in model's tokenizer (768-entry byte BPE trained on builtin_corpus), every sample is
     short, and the corpus covers the ChatML markers and the SQL so they are not spelled out byte by byte."""
-    from shardtune.model.tiny import build_tokenizer
+    from shardtune.builtin.tiny_model import build_tokenizer
 
     tok = build_tokenizer(builtin_corpus(), vocab_size=768)
     s = build_datasets(data_cfg(BUILTIN_DATA, max_seq_len=256, val_fraction=0.1), tok, 42)

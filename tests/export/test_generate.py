@@ -12,7 +12,7 @@ from shardtune.export import generate as gen_mod
 from shardtune.export.adapter import load_for_inference, load_run
 from shardtune.export.generate import (generate, prompt_style, render_example_ids, render_prompt_ids,
                                        stop_token_ids)
-from shardtune.model.tiny import CHATML_TEMPLATE
+from shardtune.builtin.templates import CHATML_TEMPLATE
 
 
 @pytest.fixture(scope="module")

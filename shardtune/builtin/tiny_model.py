@@ -12,11 +12,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
-# A chat template in ChatML form, used when a tokenizer has none and the user asked for 'auto'.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
+from shardtune.builtin.templates import CHATML_TEMPLATE
 
 SPECIAL_TOKENS = ["<pad>", "<s>", "</s>", "<unk>", "<|im_start|>", "<|im_end|>"]
 

@@ -128,7 +128,7 @@ def toy_sql_records(seed: int = 0) -> list[dict]:
 
 
 def _chatml(records: list[dict]) -> list[str]:
-    # Same layout as shardtune.model.tiny.CHATML_TEMPLATE renders (checked by a test), so the tokenizer learns merges
+    # Same layout as shardtune.builtin.templates.CHATML_TEMPLATE renders (checked by a test), so the tokenizer learns merges
     # for the exact strings it will see, markers included.
     out = []
     for r in records:
