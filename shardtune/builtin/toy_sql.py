@@ -128,8 +128,8 @@ def toy_sql_records(seed: int = 0) -> list[dict]:
 
 
 def _chatml(records: list[dict]) -> list[str]:
-    # Same layout as shardtune.builtin.templates.CHATML_TEMPLATE renders (checked by a test), so the tokenizer learns merges
-    # for the exact strings it will see, markers included.
+    # Same layout as shardtune.builtin.templates.CHATML_TEMPLATE renders (checked by a test), so the tokenizer learns
+    # merges for the exact strings it will see, markers included.
     out = []
     for r in records:
         user = f"{r['instruction']}\n\n{r['input']}"
