@@ -11,9 +11,12 @@ import pytest
 import torch
 
 from shardtune.errors import ConfigError, DataError
-from shardtune.export import evaluate as ev_mod
+from shardtune.eval import evaluate as ev_mod
+from shardtune.eval.evaluate import evaluate
+from shardtune.eval.records import read_records, to_eval_record
+from shardtune.eval.report import format_summary
 from shardtune.export.adapter import load_for_inference
-from shardtune.export.evaluate import evaluate, read_records, render_example_ids, to_eval_record
+from shardtune.export.generate import render_example_ids
 
 from test_text2sql import SCHEMA_ENTRY, SHARED_DATA
 
@@ -70,15 +73,15 @@ def test_real_model_end_to_end(tiny_run, sql_file, tmp_path):
     out = tiny_run.run_dir / "eval" / "dev.json"  # default location
     assert s["out"] == str(out) and out.is_file()
     assert all(isinstance(r["pred"], str) for r in res["records"])
-    assert "exact match" in ev_mod.format_summary(s)
+    assert "exact match" in format_summary(s)
 
 
 def test_limit_and_real_database_dir(tiny_run, sql_file, tmp_path):
-    from shardtune.export import text2sql as t
+    from shardtune.eval.text2sql.synth import build_database, schema_from_spider
 
     # a "real" database under --db-dir takes precedence over synthesis
     db_dir = tmp_path / "dbs"
-    t.build_database(t.schema_from_spider(SCHEMA_ENTRY), db_dir / "music" / "music.sqlite", seed=7)
+    build_database(schema_from_spider(SCHEMA_ENTRY), db_dir / "music" / "music.sqlite", seed=7)
     s = evaluate(tiny_run.run_dir, sql_file, predict_fn=oracle, db_dir=db_dir, limit=2,
                  out=tmp_path / "x.json")["summary"]
     assert s["n"] == 2 and s["databases"] == {"real": 2} and "note" not in s

@@ -1,272 +1,28 @@
-"""Text-to-SQL scoring: normalized exact match, execution accuracy, and SQLite databases synthesized from schemas.
+"""Databases synthesized from schemas: Spider's tables.json or CREATE TABLE text in a prompt -> Schema -> a seeded
+SQLite file whose rows make the gold queries' WHERE / GROUP BY / JOIN clauses select something.
 
 Spider's real databases are large and not shipped, but its schemas are (tables.json). `build_database` creates the
 tables with their types and keys and fills them with seeded synthetic rows (foreign keys point at existing rows,
 values repeat so GROUP BY / WHERE / ORDER BY separate right from wrong queries, and literals taken from the gold
 queries are planted so that their WHERE clauses select something); each schema gets several such databases with
-different seeds and a prediction must agree with the gold query on all of them. Execution accuracy on such content is
-a proxy in the spirit of test-suite accuracy (Zhong et al., 2020), not the official Spider number; pass real
+different seeds (execute.synthetic_execution_match). Execution accuracy on such content is a proxy in the spirit of
+test-suite accuracy (Zhong et al., 2020), not the official Spider number; pass real
 `<db_dir>/<db_id>/<db_id>.sqlite` files for that.
 """
 
 from __future__ import annotations
 
 import ast
-import itertools
 import json
 import random
 import re
 import sqlite3
-import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Iterable, Optional
 
 from shardtune.errors import DataError
-
-# ---------------------------------------------------------------- SQL text
-
-_TOKEN = re.compile(
-    r"""'(?:[^']|'')*'            # single-quoted literal ('' escapes a quote)
-      | "(?:[^"]|"")*"            # double-quoted: SQLite reads it as a literal when no column has that name
-      | `[^`]*` | \[[^\]]*\]       # quoted identifiers
-      | \d+\.\d*|\.\d+|\d+        # numbers
-      | [A-Za-z_][A-Za-z_0-9$]*   # words
-      | <=|>=|<>|!=|==|\|\|       # two-character operators
-      | \S                        # anything else, one character
-    """, re.VERBOSE)
-
-
-def sql_tokens(sql: str) -> list[str]:
-    return _TOKEN.findall(sql)
-
-
-def normalize_sql(sql: str) -> str:
-    """Canonical text for exact match: case-folded, one space between tokens, literals in single quotes, quoted
-    identifiers unquoted, `<>`/`==` spelled `!=`/`=`, no trailing semicolon."""
-    out = []
-    for tok in sql_tokens(sql.strip().rstrip(";").strip()):
-        if tok[0] in "'\"":
-            body = tok[1:-1].replace(tok[0] * 2, tok[0])
-            tok = "'" + body.replace("'", "''") + "'"
-        elif tok[0] in "`[":
-            tok = tok[1:-1]
-        elif tok == "<>":
-            tok = "!="
-        elif tok == "==":
-            tok = "="
-        out.append(tok.lower())
-    text = " ".join(out)
-    return text.rstrip(" ;")
-
-
-def exact_match(gold: str, pred: str) -> bool:
-    return normalize_sql(gold) == normalize_sql(pred)
-
-
-def extract_sql(text: str) -> str:
-    """The first SQL statement in a model's answer: inside a ``` fence if there is one, up to the first `;`
-    outside quotes."""
-    fence = re.search(r"```(?:sql|sqlite)?\s*\n?(.*?)(?:```|$)", text, flags=re.S | re.I)
-    if fence:
-        text = fence.group(1)
-    text = text.strip()
-    quote = None
-    for i, ch in enumerate(text):
-        if quote:
-            if ch == quote:
-                quote = None
-        elif ch in "'\"":
-            quote = ch
-        elif ch == ";":
-            return text[:i].strip()
-    return text
-
-
-def has_top_level_order_by(sql: str) -> bool:
-    """ORDER BY outside any parenthesis: then the order of the result rows is part of the answer."""
-    depth = 0
-    toks = [t.lower() for t in sql_tokens(sql)]
-    for i, t in enumerate(toks):
-        if t == "(":
-            depth += 1
-        elif t == ")":
-            depth -= 1
-        elif t == "order" and depth == 0 and i + 1 < len(toks) and toks[i + 1] == "by":
-            return True
-    return False
-
-
-def sql_literals(sql: str) -> tuple[list[str], list[float]]:
-    """String and number literals of a query (numbers not part of identifiers), to plant into synthesized tables."""
-    strings, numbers = [], []
-    toks = sql_tokens(sql)
-    for i, tok in enumerate(toks):
-        if tok[0] in "'\"":
-            s = tok[1:-1].replace(tok[0] * 2, tok[0])
-            strings.append(s.strip("%"))
-        elif re.fullmatch(r"\d+\.?\d*|\.\d+", tok):
-            prev = toks[i - 1].lower() if i else ""
-            if prev in ("limit", "offset"):
-                continue
-            numbers.append(float(tok))
-    return [s for s in strings if s], numbers
-
-
-_COMPARE = {"=", "!=", "<>", "==", ">", "<", ">=", "<=", "like"}
-
-
-def _literal_value(tok: str):
-    if tok[0] in "'\"":
-        return tok[1:-1].replace(tok[0] * 2, tok[0])
-    if re.fullmatch(r"\d+\.?\d*|\.\d+", tok):
-        v = float(tok)
-        return int(v) if v.is_integer() else v
-    return None
-
-
-def column_literals(sql: str) -> dict[str, list]:
-    """Values a query compares columns against, by lower-cased column name: `T1.age > 30`, `name LIKE '%x%'`,
-    `year BETWEEN 1990 AND 2000`, `city IN ('a', 'b')`. Planting them in those columns makes WHERE clauses select rows."""
-    toks = sql_tokens(sql)
-    low = [t.lower() for t in toks]
-    out: dict[str, list] = {}
-
-    def add(col: str, v):
-        if v is not None and v != "":
-            out.setdefault(col.lower(), []).append(v)
-
-    for i, t in enumerate(low):
-        if not re.match(r"[a-z_]", t) or t in _COMPARE:
-            continue
-        nxt = low[i + 1] if i + 1 < len(low) else ""
-        if nxt == "not" and i + 2 < len(low):
-            i, nxt = i + 1, low[i + 2]
-        if nxt in _COMPARE and i + 2 < len(toks):
-            v = _literal_value(toks[i + 2])
-            if isinstance(v, str) and nxt == "like":
-                v = ("like", v)
-            add(t, v)
-        elif nxt == "between" and i + 4 < len(toks) and low[i + 3] == "and":
-            a, b = _literal_value(toks[i + 2]), _literal_value(toks[i + 4])
-            add(t, a)
-            add(t, b)
-            if isinstance(a, (int, float)) and isinstance(b, (int, float)):
-                add(t, (a + b) // 2 if isinstance(a, int) and isinstance(b, int) else (a + b) / 2)
-        elif nxt == "in" and i + 2 < len(low) and low[i + 2] == "(":
-            j = i + 3
-            while j < len(toks) and low[j] != ")":
-                add(t, _literal_value(toks[j]) if low[j] != "," else None)
-                j += 1
-    return out
-
-
-def _like_example(pattern: str, rng: random.Random) -> str:
-    """A string matching a LIKE pattern: % becomes a word, _ a letter."""
-    out = []
-    for ch in pattern:
-        out.append(rng.choice(_WORDS) if ch == "%" else ("x" if ch == "_" else ch))
-    return "".join(out)
-
-
-# ---------------------------------------------------------------- execution
-
-
-class SqlExecutionError(Exception):
-    pass
-
-
-def execute(db_path: str | Path, sql: str, timeout_s: float = 5.0, max_rows: int = 100_000) -> list[tuple]:
-    """Run `sql` read-only; raise SqlExecutionError on any SQLite error, on timeout or on a runaway result."""
-    conn = sqlite3.connect(f"file:{Path(db_path).resolve()}?mode=ro", uri=True, check_same_thread=False)
-    conn.text_factory = lambda b: b.decode("utf-8", errors="replace")
-    deadline = time.monotonic() + timeout_s
-    # Cartesian products in a wrong prediction can run for minutes; the handler aborts them.
-    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
-    try:
-        cur = conn.execute(sql)
-        rows = cur.fetchmany(max_rows + 1)
-        if len(rows) > max_rows:
-            raise SqlExecutionError(f"more than {max_rows} rows")
-        return [tuple(r) for r in rows]
-    except sqlite3.Error as e:
-        msg = "timed out" if "interrupted" in str(e) else str(e)
-        raise SqlExecutionError(msg) from None
-    except (ValueError, OverflowError) as e:
-        raise SqlExecutionError(str(e)) from None
-    finally:
-        conn.close()
-
-
-def _canon_value(v: Any) -> Any:
-    if isinstance(v, float):
-        if v.is_integer():
-            return int(v)
-        return round(v, 6)
-    if isinstance(v, bytes):
-        return v.hex()
-    return v
-
-
-def _canon_rows(rows: list[tuple]) -> list[tuple]:
-    return [tuple(_canon_value(v) for v in r) for r in rows]
-
-
-def results_match(gold: list[tuple], pred: list[tuple], ordered: bool, max_permute_cols: int = 6) -> bool:
-    """Same rows (as a multiset, or as a sequence when `ordered`), allowing the columns in another order."""
-    g, p = _canon_rows(gold), _canon_rows(pred)
-    if len(g) != len(p):
-        return False
-    if not g:
-        return True
-    ncols = len(g[0])
-    if any(len(r) != ncols for r in p):
-        return False
-
-    def same(rows_p):
-        return rows_p == g if ordered else Counter(rows_p) == Counter(g)
-
-    if same(p):
-        return True
-    if ncols > max_permute_cols:
-        return False
-    gold_col_sets = [Counter(r[i] for r in g) for i in range(ncols)]
-    for perm in itertools.permutations(range(ncols)):
-        if perm == tuple(range(ncols)):
-            continue
-        if any(Counter(r[perm[i]] for r in p) != gold_col_sets[i] for i in range(ncols)):
-            continue  # cheap per-column pre-check before comparing whole rows
-        if same([tuple(r[i] for i in perm) for r in p]):
-            return True
-    return False
-
-
-@dataclass
-class ExecResult:
-    match: Optional[bool]  # None: not scored (the gold query fails, or no database can tell right from wrong)
-    gold_error: Optional[str] = None
-    pred_error: Optional[str] = None
-    uninformative: bool = False  # the gold result was empty / zero / NULL on every synthesized database
-    databases: int = 0
-
-
-def is_trivial(rows: list[tuple]) -> bool:
-    """No rows, or only zeros and NULLs: a result that most wrong queries also produce on synthetic data."""
-    return all(v is None or v == 0 for r in rows for v in r)
-
-
-def execution_match(db_path: str | Path, gold_sql: str, pred_sql: str, timeout_s: float = 5.0) -> ExecResult:
-    try:
-        gold_rows = execute(db_path, gold_sql, timeout_s)
-    except SqlExecutionError as e:
-        return ExecResult(None, gold_error=str(e), databases=1)
-    try:
-        pred_rows = execute(db_path, pred_sql, timeout_s)
-    except SqlExecutionError as e:
-        return ExecResult(False, pred_error=str(e), databases=1)
-    return ExecResult(results_match(gold_rows, pred_rows, ordered=has_top_level_order_by(gold_sql)), databases=1)
-
+from shardtune.eval.text2sql.normalize import column_literals, sql_literals
 
 # ---------------------------------------------------------------- schemas
 
@@ -434,6 +190,14 @@ _DECIMAL_NAME = re.compile(r"price|rating|weight|height|score|average|avg|percen
                            re.I)
 
 
+def _like_example(pattern: str, rng: random.Random) -> str:
+    """A string matching a LIKE pattern: % becomes a word, _ a letter."""
+    out = []
+    for ch in pattern:
+        out.append(rng.choice(_WORDS) if ch == "%" else ("x" if ch == "_" else ch))
+    return "".join(out)
+
+
 def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
@@ -590,6 +354,15 @@ def build_database(schema: Schema, path: str | Path, rows_per_table: int = 20, s
     return path
 
 
+_PLAIN_NAME = re.compile(r"\w[\w.-]*")
+
+
+def db_dir_path(db_dir: str | Path, db_id: str) -> Optional[Path]:
+    """Where a real database for `db_id` lives under `db_dir` (Spider's layout); None for a db_id that is not a plain
+    name (a path, `..`): the data does not get to choose which file on the machine is opened."""
+    return Path(db_dir) / db_id / f"{db_id}.sqlite" if _PLAIN_NAME.fullmatch(db_id) else None
+
+
 class DatabaseProvider:
     """Where a record's SQL runs: a real `<db_dir>/<db_id>/<db_id>.sqlite` when present, else databases synthesized
     from the schema registered under the record's schema key (its db_id, or a per-record key for schemas that only
@@ -612,10 +385,8 @@ class DatabaseProvider:
         self.gold.setdefault(key, []).append(sql)
 
     def real_path(self, db_id: Optional[str]) -> Optional[Path]:
-        if self.db_dir is None or not db_id:
-            return None
-        p = self.db_dir / db_id / f"{db_id}.sqlite"
-        return p if p.is_file() else None
+        p = db_dir_path(self.db_dir, db_id) if self.db_dir is not None and db_id else None
+        return p if p is not None and p.is_file() else None
 
     def synthetic_path(self, key: str, i: int) -> Path:
         """The i-th synthesized database of schema `key` (seed + i)."""
@@ -625,38 +396,3 @@ class DatabaseProvider:
                 self.schemas[key], self.cache_dir / f"{safe}.s{self.seed + i}.sqlite",
                 rows_per_table=self.rows_per_table, seed=self.seed + i, literals=self.gold.get(key, ()))
         return self._built[(key, i)]
-
-
-def synthetic_execution_match(provider: DatabaseProvider, key: str, gold_sql: str, pred_sql: str,
-                              n_databases: int = 3, max_databases: int = 8, timeout_s: float = 5.0) -> ExecResult:
-    """Test-suite-style comparison on synthesized databases.
-
-    Databases are taken in seed order until `n_databases` of them give the gold query an informative result (not
-    empty / zero / NULL) or `max_databases` were built; the prediction must then give the gold result on every one
-    of them. A record whose gold result is uninformative everywhere is not scored, since on such data most wrong
-    queries would also "match" (e.g. any count over an empty join is 0).
-    """
-    # Which databases to use depends on the gold query alone, so every predictor is scored on the same records.
-    tried: list[tuple[Path, list[tuple]]] = []
-    informative = 0
-    for i in range(max_databases):
-        if informative >= n_databases:
-            break
-        path = provider.synthetic_path(key, i)
-        try:
-            gold_rows = execute(path, gold_sql, timeout_s)
-        except SqlExecutionError as e:
-            return ExecResult(None, gold_error=str(e), databases=i + 1)
-        tried.append((path, gold_rows))
-        informative += not is_trivial(gold_rows)
-    if informative == 0:
-        return ExecResult(None, uninformative=True, databases=len(tried))
-    ordered = has_top_level_order_by(gold_sql)
-    for path, gold_rows in tried:
-        try:
-            pred_rows = execute(path, pred_sql, timeout_s)
-        except SqlExecutionError as e:
-            return ExecResult(False, pred_error=str(e), databases=len(tried))
-        if not results_match(gold_rows, pred_rows, ordered=ordered):
-            return ExecResult(False, databases=len(tried))
-    return ExecResult(True, databases=len(tried))
