@@ -16,7 +16,7 @@ SUBCOMMAND_MODULES = {
     "plan": ("shardtune.plan.command", "predict per-GPU/CPU memory and speed; pick the fastest config that fits"),
     "generate": ("shardtune.export.generate", "generate completions with a trained adapter"),
     "export": ("shardtune.export.merge", "copy the PEFT adapter or merge it into the base model"),
-    "evaluate": ("shardtune.export.evaluate", "measure a trained adapter (text-to-SQL exact and execution accuracy)"),
+    "evaluate": ("shardtune.eval.evaluate", "measure a trained adapter (text-to-SQL exact and execution accuracy)"),
     "doctor": ("shardtune.doctor", "check the environment and GPUs against a config, before any weight is read"),
 }
 
