@@ -6,7 +6,8 @@ Two measurements, each in fresh processes so imports and earlier runs do not pol
           1 GPU (strategy none) and on N GPUs (torchrun, FSDP2 via shardtune.parallel.fsdp.shard_model).
           --reference adds the one-process from_pretrained path on 1 GPU for comparison.
   random  a 70B-shaped model built directly in 4-bit across N GPUs: no checkpoint, random weights generated and
-          quantized chunk by chunk on each GPU (shardtune.model.stream.RandomEntry), each rank keeping its shard.
+          quantized chunk by chunk on each GPU (shardtune.model.random_weights.RandomEntry), each rank keeping its
+          shard.
 
 Usage (device):   python bench/load_bench.py --out bench/results/load_gpu.json
                   python bench/load_bench.py --mode random --random-shape llama2-70b --random-nproc 2 --out ...
@@ -157,6 +158,7 @@ def _warm_up(model_dir: Path) -> None:
     import shardtune.model.load  # noqa: F401
     import shardtune.model.stream  # noqa: F401
     import shardtune.parallel.fsdp  # noqa: F401
+    import shardtune.parallel.placement  # noqa: F401
     MODEL_FOR_CAUSAL_LM_MAPPING[type(AutoConfig.from_pretrained(str(model_dir)))]
 
 
@@ -174,7 +176,7 @@ def _run_task(task: dict, device, dtype, world: int) -> dict:
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    from shardtune.model.stream import MemoryMonitor
+    from shardtune.model.memory_monitor import MemoryMonitor
     rss = MemoryMonitor(torch.device("cpu"), interval_s=0.002).start()  # host RSS only; _gpu_stats reads the GPU
     t0 = time.perf_counter()
     if task["kind"] == "reference":
@@ -182,7 +184,8 @@ def _run_task(task: dict, device, dtype, world: int) -> dict:
         model = build_model(cfg, model_dir, device, dtype)
         loader = None
     else:
-        from shardtune.model.stream import build_streamed_model, fsdp_place
+        from shardtune.model.stream import build_streamed_model
+        from shardtune.parallel.placement import fsdp_place
         shard = place = None
         if world > 1:
             from torch.distributed.device_mesh import init_device_mesh

@@ -187,7 +187,8 @@ class FSDPEngine(Engine):
         """Meta skeleton + LoRA, sharded while still on the meta device, then only this rank's shards streamed in
         from the checkpoint and quantized on the device (shardtune.model.stream): no rank ever holds the full model.
         The result equals the eager path's (tests/distributed compares trajectories with the one-process run)."""
-        from shardtune.model.stream import build_streamed_model, fsdp_place
+        from shardtune.model.stream import build_streamed_model
+        from shardtune.parallel.placement import fsdp_place
         refuse_deepspeed_json(self.cfg, self.name)
         p = self.cfg.parallel
         place_on = torch.device("cpu") if (p.offload_param or p.offload_optimizer) else self.device

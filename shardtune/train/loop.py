@@ -140,7 +140,7 @@ class Trainer:
         model = self.engine.build_model(self.model_dir)
         report = getattr(model, "load_report", None)
         if report is not None:
-            from shardtune.model.stream import gather_load_reports
+            from shardtune.model.load_report import gather_load_reports
             reports = gather_load_reports(report) if self.dist.world_size > 1 else [report]
             for r in reports:
                 self.say("load: " + r.format())

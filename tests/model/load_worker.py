@@ -24,7 +24,10 @@ sys.path.insert(0, str(REPO))
 from shardtune.config import RunConfig  # noqa: E402
 import peft  # noqa: E402,F401 - imported here so import memory is in the baseline
 from shardtune.model.load import build_model  # noqa: E402,F401
-from shardtune.model.stream import MemoryMonitor, build_streamed_model, fsdp_place, gather_load_reports  # noqa: E402
+from shardtune.model.load_report import gather_load_reports  # noqa: E402
+from shardtune.model.memory_monitor import MemoryMonitor  # noqa: E402
+from shardtune.model.stream import build_streamed_model  # noqa: E402
+from shardtune.parallel.placement import fsdp_place  # noqa: E402
 
 
 def digests(model) -> dict:

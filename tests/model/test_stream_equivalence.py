@@ -15,8 +15,10 @@ import torch
 from shardtune.config import RunConfig
 from shardtune.errors import ModelError
 from shardtune.model.load import build_model
-from shardtune.model.stream import (build_skeleton, build_streamed_model, iter_checkpoint, list_checkpoint,
-                                    random_entries)
+from shardtune.model.checkpoint import iter_checkpoint, list_checkpoint
+from shardtune.model.random_weights import random_entries
+from shardtune.model.skeleton import build_skeleton
+from shardtune.model.stream import build_streamed_model
 
 CPU = torch.device("cpu")
 PROBE = (torch.arange(2 * 20).reshape(2, 20) * 7 + 3) % 400

@@ -1,6 +1,6 @@
 """Memory bound of streamed loading, measured: a >= 1 GB checkpoint (wide, one layer, fp32, six shards) written by
 the test is loaded with QLoRA by a fresh process (tests/model/load_worker.py) and by two FSDP2 ranks (gloo, the fsdp
-engine's shard_model + shardtune.model.stream.fsdp_place). Each process's peak RSS growth over its post-import
+engine's shard_model + shardtune.parallel.placement.fsdp_place). Each process's peak RSS growth over its post-import
 baseline must stay below half the checkpoint size (a from_pretrained-style load holds the whole checkpoint), and
 every rank's bytes must equal the matching chunk of bitsandbytes' own quantization of the checkpoint tensors.
 The tiny llama is also loaded sharded and must give the reference (from_pretrained) logits and LoRA init."""
