@@ -45,6 +45,7 @@ _ACTION_NAMES = {
 _DENIED_FUNCTIONS = frozenset({"load_extension", "fts3_tokenizer", "readfile", "writefile", "edit", "fsdir",
                                "zipfile", "sqlar_compress", "sqlar_uncompress"})
 _SYNTAX = re.compile(r"syntax error|incomplete input|unrecognized token", re.I)
+_COMMENTS = re.compile(r"--[^\n]*|/\*.*?(?:\*/|$)", re.S)
 
 
 class SqlExecutionError(Exception):
@@ -102,8 +103,8 @@ def execute_readonly(db_path: str | Path, sql: str, timeout_s: float = 5.0, max_
     """The rows of `sql` on the database at `db_path`, read-only; SqlExecutionError when the statement is empty,
     does not parse, is refused (anything but reading), runs past `timeout_s`, returns more than `max_rows` rows,
     or fails."""
-    if not sql.strip():
-        raise SqlExecutionError("empty statement", "empty")
+    if not _COMMENTS.sub("", sql).strip():
+        raise SqlExecutionError("empty statement (only comments)" if sql.strip() else "empty statement", "empty")
     path = Path(db_path).resolve()
     if not path.is_file():
         raise SqlExecutionError(f"database '{path}' not found", "error")
@@ -114,8 +115,8 @@ def execute_readonly(db_path: str | Path, sql: str, timeout_s: float = 5.0, max_
     conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
     try:
         cur = conn.execute(sql)
-        if cur.description is None:  # nothing to run: only comments (every statement that returns no rows is refused)
-            raise SqlExecutionError("no statement (only comments)", "empty")
+        if cur.description is None:  # a statement with nothing to authorize, e.g. REINDEX with no index to rebuild
+            raise SqlExecutionError("refused: not a query (it returns no rows)", "refused")
         rows = cur.fetchmany(max_rows + 1)
         if len(rows) > max_rows:
             raise SqlExecutionError(f"more than {max_rows} rows", "too_large")
