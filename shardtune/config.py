@@ -307,8 +307,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         node[keys[-1]] = value
         data = _normalise_shorthands(data)
     cfg = _build(RunConfig, data, "", _all_keys(RunConfig))
+    # the keys the user set (YAML or overrides): a DeepSpeed JSON's values may fill the others (parallel/dsconfig.py)
+    cfg.explicit_keys = frozenset(_dotted_keys(data))
     validate(cfg)
     return cfg
+
+
+def _dotted_keys(data: dict, prefix: str = "") -> list[str]:
+    out = []
+    for k, v in data.items():
+        out += _dotted_keys(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return out
 
 
 def _normalise_shorthands(data: dict) -> dict:

@@ -21,8 +21,9 @@ from typing import Callable, Optional
 from packaging.requirements import InvalidRequirement, Requirement
 from packaging.version import InvalidVersion, Version
 
+from shardtune.hardware import GiB
+
 OK, WARN, FAIL = "OK", "WARN", "FAIL"
-GiB = 1024 ** 3
 
 # name -> (minimum that works, first version newer than anything tested (None: no ceiling), why the minimum)
 VERSION_RANGES: dict[str, tuple[str, Optional[str], str]] = {
@@ -114,8 +115,10 @@ class Needs:
     def from_config(cls, cfg, cuda: bool) -> "Needs":
         if cfg is None:
             return cls(cuda=cuda)
+        from shardtune.resolve import resolve_strategy
         p = cfg.parallel
-        strategy = "deepspeed" if p.deepspeed_config else p.strategy
+        # doctor runs as one process; the strategy a launch of more ranks resolves to can only differ for auto
+        strategy = resolve_strategy(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         return cls(quantized=cfg.train.method in ("qlora", "int8"), method=cfg.train.method, strategy=strategy,
                    offload=p.offload_param or p.offload_optimizer, precision=cfg.train.precision,
                    device=cfg.train.device, cuda=cuda, output_dir=cfg.output.dir, model=cfg.model.name_or_path,
@@ -285,6 +288,18 @@ def detect_gpus() -> list[GpuInfo]:
     return gpus
 
 
+def _precision_problem(want: str, **where) -> Optional[tuple[str, str]]:
+    """(what, fix) when shardtune.resolve.resolve_precision (the trainer's rule) refuses `want` here, else None."""
+    from shardtune.errors import ShardtuneError
+    from shardtune.resolve import resolve_precision
+    try:
+        resolve_precision(want, **where)
+    except ShardtuneError as e:
+        what, _, fix = str(e).partition("; ")
+        return what, fix
+    return None
+
+
 def check_gpus(gpus: list[GpuInfo], needs: Needs) -> list[Check]:
     if not gpus:
         if needs.device == "cuda":
@@ -294,9 +309,9 @@ def check_gpus(gpus: list[GpuInfo], needs: Needs) -> list[Check]:
                                       "slow for real models)",
                         "if this machine has a GPU: install torch's CUDA build (pytorch.org/get-started) and check "
                         "nvidia-smi")]
-        if needs.precision in ("bf16", "fp16"):
-            checks.append(Check("precision", FAIL, f"train.precision={needs.precision} on CPU",
-                                "use train.precision=fp32 (or auto) on CPU"))
+        bad = _precision_problem(needs.precision, on_gpu=False)
+        if bad:
+            checks.append(Check("precision", FAIL, *bad))
         return checks
     checks = []
     for g in gpus:
@@ -312,9 +327,9 @@ def check_gpus(gpus: list[GpuInfo], needs: Needs) -> list[Check]:
     no_bf16 = [g for g in gpus if not g.bf16]
     if no_bf16:
         which = ", ".join(sorted({g.name for g in no_bf16}))
-        if needs.precision == "bf16":
-            checks.append(Check("precision", FAIL, f"train.precision=bf16 but {which} has no bfloat16",
-                                "use train.precision=fp16 (shardtune applies loss scaling) or auto"))
+        bad = _precision_problem(needs.precision, on_gpu=True, gpu_bf16=False, gpu_name=which)
+        if bad:
+            checks.append(Check("precision", FAIL, *bad))
         else:
             checks.append(Check("precision", OK, f"{which}: no bf16; precision {needs.precision} -> fp16 with loss "
                                                  f"scaling" if needs.precision == "auto" else

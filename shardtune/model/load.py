@@ -37,29 +37,25 @@ def resolve_device(tcfg, local_rank: int = 0) -> torch.device:
 
 
 def resolve_precision(tcfg, device: torch.device) -> torch.dtype:
-    """bf16 where the GPU has it, fp16 on older GPUs (V100, T4), fp32 on CPU. bf16 asked of a GPU without it is an error."""
-    want = tcfg.precision
+    """The compute dtype on `device`, decided by shardtune.resolve.resolve_precision (shared with plan and doctor)."""
+    from shardtune.resolve import resolve_precision as decide
     if device.type == "cpu":
-        if want in ("bf16", "fp16"):
-            # CPU autocast in half precision is slow and lossy for training; be explicit rather than surprising.
-            raise EnvironmentProblem(f"train.precision={want} on CPU is not supported; use train.precision=fp32 "
-                                     "(or auto) on CPU")
-        return torch.float32
+        return DTYPES[decide(tcfg.precision, on_gpu=False)]
     has_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
-    if want == "auto":
-        return torch.bfloat16 if has_bf16 else torch.float16
-    if want == "bf16" and not has_bf16:
-        name = torch.cuda.get_device_name(device)
-        raise EnvironmentProblem(f"train.precision=bf16 but {name} has no bfloat16; use train.precision=fp16 "
-                                 "(shardtune applies loss scaling)")
-    return DTYPES[want]
+    name = torch.cuda.get_device_name(device) if not has_bf16 else "this GPU"
+    return DTYPES[decide(tcfg.precision, on_gpu=True, gpu_bf16=has_bf16, gpu_name=name)]
 
 
 # ------------------------------------------------------------------------------------------------ model directory
 
 def resolve_model_dir(mcfg) -> Path:
-    """A local directory with config.json: the builtin tiny model, a user's dir, or a hub id fetched when online."""
+    """A local directory with config.json: the builtin tiny model, a user's dir, a GGUF file's dequantized copy, or a
+    hub id fetched when online."""
     name = mcfg.name_or_path
+    from shardtune.model.gguf import dequantized_model_dir, gguf_source
+    gguf = gguf_source(mcfg)
+    if gguf is not None:
+        return dequantized_model_dir(gguf)
     if name.startswith("builtin:"):
         if name != "builtin:tiny-llama":
             raise ModelError(f"model.name_or_path '{name}' is not a built-in model; the built-in one is builtin:tiny-llama")

@@ -8,6 +8,7 @@ import torch
 
 from shardtune.errors import ConfigError
 from shardtune.parallel.base import DistInfo, Engine
+from shardtune.resolve import resolve_strategy  # noqa: F401 - re-exported: the trainer resolves through this name
 
 
 def dist_info_from_env() -> DistInfo:
@@ -20,19 +21,7 @@ def dist_info_from_env() -> DistInfo:
     return DistInfo()
 
 
-def resolve_strategy(cfg, world_size: int) -> str:
-    s = cfg.parallel.strategy
-    if s == "auto":
-        if cfg.parallel.deepspeed_config:
-            return "deepspeed"  # the user brought a DeepSpeed JSON: that is the engine they want
-        return "none" if world_size == 1 else "fsdp"
-    if s == "none" and world_size > 1:
-        raise ConfigError(f"parallel.strategy=none but {world_size} processes were launched; "
-                          "use parallel.strategy=ddp, fsdp or deepspeed")
-    return s
-
-
-def make_engine(cfg, dist: DistInfo, device: torch.device, dtype: torch.dtype) -> Engine:
+def make_engine(cfg, dist: DistInfo, device: torch.device, dtype: torch.dtype, total_steps: int = 1) -> Engine:
     strategy = resolve_strategy(cfg, dist.world_size)
     if strategy == "none":
         from shardtune.parallel.single import SingleEngine as cls
@@ -44,4 +33,4 @@ def make_engine(cfg, dist: DistInfo, device: torch.device, dtype: torch.dtype) -
         from shardtune.parallel.deepspeed import DeepSpeedEngine as cls
     else:  # pragma: no cover - config validation forbids it
         raise ConfigError(f"parallel.strategy={strategy!r} is unknown")
-    return cls(cfg, dist, device, dtype)
+    return cls(cfg, dist, device, dtype, total_steps)

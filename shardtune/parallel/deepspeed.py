@@ -67,25 +67,21 @@ class DeepSpeedEngine(Engine):
             import deepspeed
         except ImportError:
             raise EnvironmentProblem("parallel.strategy=deepspeed needs deepspeed; pip install 'shardtune[deepspeed]'") from None
-        from shardtune.parallel.dsconfig import build_ds_config, describe_filled
+        from shardtune.parallel.dsconfig import adopted_from_json, build_ds_config, describe_filled, zero_stage
         from shardtune.parallel.launch import ensure_process_group, init_deepspeed_comm
         from shardtune.parallel.quant4 import make_shardable
 
         ensure_process_group(self.device)
         init_deepspeed_comm(self.device)
+        self.stage = zero_stage(self.cfg)
+        if self.stage == 3:  # first: the persistence threshold depends on the converted layers' constants
+            make_shardable(model, weight_dtype=self.compute_dtype)
         ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
                                          hidden_size=_hidden_size(model), total_steps=total_steps,
-                                         min_quant_numel=None)
-        self.stage = int(ds_cfg["zero_optimization"]["stage"])
-        if self.stage == 3:
-            make_shardable(model, weight_dtype=self.compute_dtype)
-            # the persistence threshold must be recomputed now that the constants are parameters too
-            ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
-                                             hidden_size=_hidden_size(model), total_steps=total_steps,
-                                             min_quant_numel=_min_quant_numel(model))
+                                         min_quant_numel=_min_quant_numel(model) if self.stage == 3 else None)
         check_storage_vs_precision(model, ds_cfg)
         if self.dist.is_main and (self.cfg.parallel.deepspeed_config or filled):
-            print(describe_filled(filled, self.cfg.parallel.deepspeed_config), flush=True)
+            print(describe_filled(filled, self.cfg.parallel.deepspeed_config, adopted_from_json(self.cfg)), flush=True)
         self.ds_config = ds_cfg
         z = ds_cfg["zero_optimization"]
         offload_opt = isinstance(z.get("offload_optimizer"), dict) and z["offload_optimizer"].get("device", "none") != "none"

@@ -13,8 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-MiB = 1024 ** 2
-GiB = 1024 ** 3
+from shardtune.hardware import GiB, MiB
 
 
 @dataclass(frozen=True)

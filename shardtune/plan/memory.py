@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, field
 
 from shardtune.model.shapes import LinearShape, ModelShape
-from shardtune.plan.constants import GiB
+from shardtune.hardware import GiB
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.setup import TrainSetup, fsdp_layers_per_unit
 

@@ -16,7 +16,9 @@ from shardtune.hardware import GiB, Hardware, hardware_for
 from shardtune.model.shapes import ModelShape, resolve_shape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.estimate import Estimate, estimate_setup
-from shardtune.plan.setup import (TrainSetup, apply_setup, liger_installed, resolve_fused_loss, setup_from_config)
+from shardtune.plan.setup import (TrainSetup, apply_setup, fixed_by_deepspeed_json, liger_on_target,
+                                  setup_from_config)
+from shardtune.resolve import resolve_loss_path
 
 # (strategy, zero_stage, offload_optimizer, offload_param)
 SINGLE_GPU = [("none", 3, False, False), ("deepspeed", 2, True, False), ("deepspeed", 3, True, False),
@@ -82,7 +84,7 @@ def candidates(base: TrainSetup, methods: list[str], world: int, gpus_per_node: 
     per_rank = global_batch // world
     for method in methods:
         for strategy, stage, off_opt, off_par in _strategies(world):
-            fused = resolve_fused_loss(fused_pref, strategy, model_type, liger) if fused_pref else "none"
+            fused = resolve_loss_path(fused_pref, model_type, liger)
             for ckpt in (False, True):
                 for micro in _micro_batches(per_rank, max_micro):
                     out.append(base.replace(method=method, strategy=strategy, zero_stage=stage,
@@ -117,10 +119,13 @@ def _onoff(v) -> str:
 
 
 def _search(shape: ModelShape, base: TrainSetup, hw: Hardware, methods: list[str], global_batch: int,
-            margin: float, c: PlanConstants, fused_pref: bool, liger: bool, max_micro: int = MAX_MICRO_BATCH):
+            margin: float, c: PlanConstants, fused_pref: bool, liger: bool, max_micro: int = MAX_MICRO_BATCH,
+            fixed: dict | None = None):
     fits, rejected = [], []
     cands = candidates(base, methods, hw.world_size, hw.gpus_per_node, global_batch, shape.model_type, fused_pref,
                        liger, max_micro)
+    if fixed:  # fields the search may not change (a DeepSpeed JSON's engine, stage, offloads, batch shape)
+        cands = [st for st in cands if all(getattr(st, k) == v for k, v in fixed.items())]
     near: list[tuple[float, TrainSetup, str]] = []
     for st in cands:
         if st.invalid_reason():
@@ -170,7 +175,7 @@ def _leanest(shape: ModelShape, base: TrainSetup, hw: Hardware, method: str, mar
         st = base.replace(method=method, strategy=strategy, zero_stage=stage, offload_optimizer=off_opt,
                           offload_param=off_par, world_size=hw.world_size, gpus_per_node=hw.gpus_per_node,
                           micro_batch=1, grad_accum=1, grad_ckpt=True,
-                          fused_loss=resolve_fused_loss(base.fused_loss != "none", strategy, shape.model_type, liger))
+                          fused_loss=resolve_loss_path(base.fused_loss != "none", shape.model_type, liger))
         if st.invalid_reason():
             continue
         est = estimate_setup(shape, st, hw, margin, c)
@@ -237,12 +242,13 @@ def auto_plan(cfg, hw: Hardware | None = None, *, search_method: bool = False,
     shape = resolve_shape(cfg.model.name_or_path)
     base = setup_from_config(cfg, hw, model_type=shape.model_type)
     fused_pref = bool(getattr(cfg.train, "fused_loss", False))
-    liger = liger_installed()
+    liger = liger_on_target(hw)
     margin = cfg.plan.margin
     g, notes = global_batch_for(cfg, hw.world_size)
     methods = [base.method] + ([m for m in ("qlora", "lora", "int8", "full") if m != base.method]
                                if search_method else [])
-    fits, rejected, n = _search(shape, base, hw, methods, g, margin, constants, fused_pref, liger, max_micro_batch)
+    fits, rejected, n = _search(shape, base, hw, methods, g, margin, constants, fused_pref, liger, max_micro_batch,
+                                fixed_by_deepspeed_json(cfg))
     if not fits:
         lean = _leanest(shape, base, hw, base.method, margin, constants)
         need = (f"even the leanest ({lean.setup.label}) {lean.why_not()}" if lean is not None

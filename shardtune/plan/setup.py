@@ -10,9 +10,10 @@ import dataclasses
 from dataclasses import dataclass
 
 from shardtune.errors import ConfigError
+from shardtune.resolve import (STRATEGIES, liger_installed, resolve_kernels, resolve_loss_path,
+                               resolve_precision, resolve_strategy, with_deepspeed_json)
 
 METHODS = ("full", "lora", "qlora", "int8")
-STRATEGIES = ("none", "ddp", "fsdp", "deepspeed")
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 FSDP_PAIR_MAX_BYTES = 512 * 2 ** 20  # auto puts two decoder layers in one FSDP unit when they gather to this or less
 
@@ -159,74 +160,35 @@ class TrainSetup:
         return cls(**kw)
 
 
-def resolve_precision(want: str, gpu_bf16: bool, gpu_name: str = "this GPU") -> str:
-    """The run's compute dtype on a GPU: auto = bf16 where the GPU has it, else fp16."""
-    if want == "auto":
-        return "bf16" if gpu_bf16 else "fp16"
-    if want == "bf16" and not gpu_bf16:
-        raise ConfigError(f"train.precision=bf16 but {gpu_name} has no bfloat16; use train.precision=fp16")
-    return want
-
-
-def resolve_strategy(strategy: str, world_size: int) -> str:
-    if strategy == "auto":
-        return "none" if world_size == 1 else "fsdp"
-    return strategy
-
-
-# model types whose head the trainer can fuse with the loss (shardtune.train.loss.PLAIN_HEAD_TYPES)
-FUSABLE_HEADS = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "phi3", "olmo2", "granite"}
-
-
-def liger_installed() -> bool:
-    import importlib.util
-    return importlib.util.find_spec("liger_kernel") is not None
-
-
-def resolve_kernels(mode: str, local: bool = True) -> str:
-    """What train.kernels gives on a CUDA machine. auto = Liger when liger-kernel is installed: checked here when
-    planning for this machine's GPUs (`local`), assumed (shardtune[gpu]) for GPUs named with --gpus."""
-    if mode == "none":
-        return "none"
-    if mode == "liger":
-        return "liger"
-    return "liger" if (liger_installed() or not local) else "none"
-
-
-def resolve_fused_loss(fused_loss: bool, strategy: str, model_type: str | None, liger: bool | None = None) -> str:
-    """The trainer fuses the loss for plain-projection heads under every engine (the one-process engine by calling
-    the decoder directly, wrapped engines by swapping the output layer's forward); on CUDA it uses Liger's fused
-    linear cross-entropy whenever liger-kernel is installed (whatever train.kernels says). `strategy` is kept for
-    callers; measured records say explicitly which loss path they ran."""
-    if not fused_loss or (model_type is not None and model_type not in FUSABLE_HEADS):
-        return "none"
-    return "liger" if (liger_installed() if liger is None else liger) else "chunked"
+def liger_on_target(hw) -> bool:
+    """Whether the planned GPUs run Liger (fused loss, kernels): checked here for this machine's GPUs, assumed
+    (shardtune[gpu] installs liger-kernel) for GPUs named with --gpus. Manual and auto plans both use this one rule,
+    so they plan the same loss path for the same config."""
+    local = getattr(hw, "source", "given") == "detected"
+    return liger_installed() if local else True
 
 
 def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | None = None,
                       fused_loss: str | None = None) -> TrainSetup:
     """The TrainSetup a RunConfig describes on hardware `hw` (world size = all GPUs of hw). `kernels` and
     `fused_loss` override the auto resolution (the trainer knows what it actually runs)."""
+    cfg = with_deepspeed_json(cfg)
     t, p, lora = cfg.train, cfg.parallel, cfg.lora
-    local = getattr(hw, "source", "given") == "detected"
-    liger = liger_installed() or not local
+    liger = liger_on_target(hw)
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     world = hw.world_size
-    strategy = resolve_strategy(p.strategy, world)
-    if strategy == "none" and world > 1:
-        raise ConfigError(f"parallel.strategy=none but the plan is for {world} GPUs; use ddp, fsdp or deepspeed "
-                          "(or plan for 1 GPU)")
+    strategy = resolve_strategy(cfg, world, planning=True)
     return TrainSetup(
         method=t.method, strategy=strategy, zero_stage=int(p.zero_stage), offload_optimizer=bool(p.offload_optimizer),
         offload_param=bool(p.offload_param), world_size=world, gpus_per_node=hw.gpus_per_node,
         micro_batch=t.micro_batch_size, seq_len=cfg.data.max_seq_len, grad_accum=t.grad_accum,
         grad_ckpt=bool(t.gradient_checkpointing),
-        precision=resolve_precision(t.precision, hw.gpu.bf16, hw.gpu.name),
+        precision=resolve_precision(t.precision, on_gpu=True, gpu_bf16=hw.gpu.bf16, gpu_name=hw.gpu.name),
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,
         double_quant=bool(cfg.quant.double_quant), optimizer=t.optimizer,
-        kernels=kernels or resolve_kernels(getattr(t, "kernels", "none"), local),
-        fused_loss=fused_loss or resolve_fused_loss(getattr(t, "fused_loss", False), strategy, model_type, liger),
+        kernels=kernels or resolve_kernels(getattr(t, "kernels", "none"), liger),
+        fused_loss=fused_loss or resolve_loss_path(getattr(t, "fused_loss", False), model_type, liger),
         fsdp_layers_per_unit=int(getattr(p, "fsdp_layers_per_unit", 0)))
 
 
@@ -243,4 +205,29 @@ def apply_setup(cfg, setup: TrainSetup):
     new.parallel.offload_optimizer = setup.offload_optimizer
     new.parallel.offload_param = setup.offload_param
     new.data.max_seq_len = setup.seq_len
+    # the plan's choices count as set by the user: a DeepSpeed JSON must not override them
+    new.explicit_keys = frozenset(getattr(cfg, "explicit_keys", ())) | set(APPLIED_KEYS.values())
     return new
+
+
+# TrainSetup field -> the config key apply_setup writes it to
+APPLIED_KEYS = {"method": "train.method", "micro_batch": "train.micro_batch_size", "grad_accum": "train.grad_accum",
+                "grad_ckpt": "train.gradient_checkpointing", "strategy": "parallel.strategy",
+                "zero_stage": "parallel.zero_stage", "offload_optimizer": "parallel.offload_optimizer",
+                "offload_param": "parallel.offload_param", "seq_len": "data.max_seq_len"}
+
+
+def fixed_by_deepspeed_json(cfg) -> dict:
+    """TrainSetup fields a search must keep: with a DeepSpeed JSON the engine is DeepSpeed, and the JSON's
+    explicit stage, offloads, micro batch and accumulation decide those fields."""
+    if not cfg.parallel.deepspeed_config:
+        return {}
+    from shardtune.resolve import deepspeed_json_values, read_deepspeed_json
+    decided = deepspeed_json_values(read_deepspeed_json(cfg.parallel.deepspeed_config))
+    adopted = with_deepspeed_json(cfg)
+    fixed = {"strategy": "deepspeed"}
+    for field_name, key in APPLIED_KEYS.items():
+        if key in decided:
+            section, name = key.split(".")
+            fixed[field_name] = getattr(getattr(adopted, section), name)
+    return fixed

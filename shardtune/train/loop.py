@@ -92,7 +92,8 @@ class Trainer:
         from shardtune.data.pipeline import build_datasets, collate
         from shardtune.model.load import (load_tokenizer, read_model_config, resolve_device, resolve_model_dir,
                                           resolve_precision, trainable_summary)
-        cfg = self.cfg
+        from shardtune.resolve import with_deepspeed_json
+        cfg = self.cfg = with_deepspeed_json(self.cfg)  # a DeepSpeed JSON's values for keys the user did not set
         self.dist = dist_info_from_env()
         self.device = resolve_device(cfg.train, self.dist.local_rank)
         if self.device.type == "cuda":

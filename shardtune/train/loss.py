@@ -19,8 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# model types whose causal-LM head is a plain projection of the decoder's last hidden state (no softcap, no scale)
-PLAIN_HEAD_TYPES = {"llama", "mistral", "qwen2", "qwen3", "mixtral", "phi3", "olmo2", "granite"}
+from shardtune.resolve import FUSABLE_HEAD_TYPES as PLAIN_HEAD_TYPES  # one list, shared with the planner
 
 
 def logits_loss_sum(model, batch: dict, dtype: torch.dtype, device) -> torch.Tensor:

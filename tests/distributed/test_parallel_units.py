@@ -84,7 +84,7 @@ BF16, FP32 = torch.bfloat16, torch.float32
     ({"bf16": {"enabled": True}}, [], FP32, ["bf16.enabled=true", "float32"]),
     ({"train_micro_batch_size_per_gpu": 16}, ["train.micro_batch_size=4"], FP32,
      ["train_micro_batch_size_per_gpu=16", "train.micro_batch_size=4"]),
-    ({"gradient_accumulation_steps": 4}, [], FP32, ["gradient_accumulation_steps=4", "train.grad_accum=1"]),
+    ({"gradient_accumulation_steps": 4}, ["train.grad_accum=1"], FP32, ["gradient_accumulation_steps=4", "train.grad_accum=1"]),
     ({"train_batch_size": 999}, [], FP32, ["train_batch_size=999", "train.micro_batch_size x train.grad_accum"]),
     ({"zero_optimization": {"stage": 3}}, ["parallel.zero_stage=2"], FP32,
      ["zero_optimization.stage=3", "parallel.zero_stage=2"]),
