@@ -68,7 +68,8 @@ def format_worst(rows: Sequence[dict], out: str | None = None, n: int = 5) -> st
     for r in worst:
         question = _cell(r.get("question", r.get("prompt", "")), widths[2], last_line=True)
         pred = r["pred"] if str(r["pred"]).strip() else "(empty)"
-        cells = (_cell(r.get("where", ""), widths[0]), _cell(r["status"], widths[1]), question,
+        where = str(r.get("where", "")).replace("\\", "/").rsplit("/", 1)[-1]  # file name:line, not the path
+        cells = (_cell(where, widths[0]), _cell(r["status"], widths[1]), question,
                  _cell(r["gold"], widths[3]), _cell(pred, widths[4]))
         lines.append("  " + " ".join(cells).rstrip())
     return "\n".join(lines)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,30 +17,7 @@ from shardtune.eval.report import format_summary
 from shardtune.export.adapter import load_for_inference
 from shardtune.export.generate import render_example_ids
 
-from test_text2sql import SCHEMA_ENTRY, SHARED_DATA
-
-RECORDS = [
-    {"db_id": "music", "instruction": "Schema: singer(singer_id, name, country, age).", "input": "Singers over 30?",
-     "output": "SELECT name FROM singer WHERE age > 30"},
-    {"db_id": "music", "instruction": "Schema: singer(singer_id, name, country, age).", "input": "How many French?",
-     "output": "SELECT count(*) FROM singer WHERE country = 'France'"},
-    {"db_id": "music", "instruction": "Schema: concert(concert_id, singer_id, year).", "input": "Concerts per year",
-     "output": "SELECT year, count(*) FROM concert GROUP BY year"},
-]
-
-
-@pytest.fixture
-def sql_file(tmp_path) -> Path:
-    d = tmp_path / "data"
-    d.mkdir()
-    (d / "tables.json").write_text(json.dumps([SCHEMA_ENTRY]))
-    p = d / "dev.jsonl"
-    p.write_text("".join(json.dumps(r) + "\n" for r in RECORDS))
-    return p
-
-
-def oracle(records):
-    return [r.gold for r in records]
+from sql_examples import SCHEMA_ENTRY, SHARED_DATA, oracle
 
 
 def test_oracle_scores_one_and_a_wrong_predictor_zero(tiny_run, sql_file, tmp_path):

@@ -16,7 +16,7 @@ import pytest
 from shardtune.eval.text2sql.sandbox import ERROR_KINDS, SqlExecutionError, execute_readonly, syntax_error
 from shardtune.eval.text2sql.synth import build_database, schema_from_spider
 
-from test_text2sql import GOLD, SCHEMA_ENTRY
+from sql_examples import GOLD, SCHEMA_ENTRY
 
 # (statement with {d} for the sandbox's directory, the kinds it may fail as)
 HOSTILE = [

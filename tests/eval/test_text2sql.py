@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from pathlib import Path
 
 import pytest
 
@@ -14,25 +13,7 @@ from shardtune.eval.text2sql.sandbox import SqlExecutionError, execute_readonly
 from shardtune.eval.text2sql.synth import (DatabaseProvider, build_database, load_spider_tables,
                                            schema_from_create_statements, schema_from_spider)
 
-SHARED_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"  # beside the checkout, not in it
-
-# Two tables with a foreign key, written as a Spider tables.json entry (column 0 is Spider's '*').
-SCHEMA_ENTRY = {
-    "db_id": "music",
-    "table_names_original": ["singer", "concert"],
-    "column_names_original": [[-1, "*"], [0, "singer_id"], [0, "name"], [0, "country"], [0, "age"],
-                              [1, "concert_id"], [1, "singer_id"], [1, "year"], [1, "Ticket Price"]],
-    "column_types": ["text", "number", "text", "text", "number", "number", "number", "number", "number"],
-    "primary_keys": [1, 5],
-    "foreign_keys": [[6, 1]],
-}
-GOLD = [
-    "SELECT name FROM singer WHERE age > 30",
-    "SELECT count(*) FROM singer WHERE country = 'France'",
-    "SELECT country, count(*) FROM singer GROUP BY country",
-    "SELECT name FROM singer ORDER BY age DESC",
-    "SELECT T1.name FROM singer AS T1 JOIN concert AS T2 ON T1.singer_id = T2.singer_id WHERE T2.year = 2014",
-]
+from sql_examples import GOLD, SCHEMA_ENTRY, SHARED_DATA
 
 
 @pytest.fixture(scope="module")
