@@ -42,23 +42,6 @@ def _min_quant_numel(model: nn.Module) -> int | None:
     return min(sizes) if sizes else None
 
 
-def check_storage_vs_precision(model: nn.Module, ds_cfg: dict) -> None:
-    """DeepSpeed casts the whole module to bf16/fp16 when that mode is on; packed 4-bit bytes held in a float
-    tensor of another dtype would be converted as numbers and scrambled."""
-    import bitsandbytes as bnb
-    want = torch.bfloat16 if ds_cfg.get("bf16", {}).get("enabled") else (
-        torch.float16 if ds_cfg.get("fp16", {}).get("enabled") else None)
-    if want is None:
-        return
-    for name, m in model.named_modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            st = m.weight.dtype
-            if st.is_floating_point and st != want:
-                raise ConfigError(f"4-bit weights of {name} are stored as {str(st).replace('torch.', '')} but DeepSpeed "
-                                  f"runs in {str(want).replace('torch.', '')} and would cast (scramble) them; load with "
-                                  "bnb_4bit_quant_storage equal to the compute dtype (shardtune's loader does)")
-
-
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
@@ -67,9 +50,10 @@ class DeepSpeedEngine(Engine):
             import deepspeed
         except ImportError:
             raise EnvironmentProblem("parallel.strategy=deepspeed needs deepspeed; pip install 'shardtune[deepspeed]'") from None
-        from shardtune.parallel.dsconfig import adopted_from_json, build_ds_config, describe_filled, zero_stage
+        from shardtune.parallel.dsconfig import (adopted_from_json, build_ds_config, cast_dtype, describe_filled,
+                                                 zero_stage)
         from shardtune.parallel.launch import ensure_process_group, init_deepspeed_comm
-        from shardtune.parallel.quant4 import make_shardable
+        from shardtune.parallel.quant4 import check_quant_storage, make_shardable
 
         ensure_process_group(self.device)
         init_deepspeed_comm(self.device)
@@ -79,7 +63,7 @@ class DeepSpeedEngine(Engine):
         ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
                                          hidden_size=_hidden_size(model), total_steps=total_steps,
                                          min_quant_numel=_min_quant_numel(model) if self.stage == 3 else None)
-        check_storage_vs_precision(model, ds_cfg)
+        check_quant_storage(model, cast_dtype(ds_cfg), "DeepSpeed")
         if self.dist.is_main and (self.cfg.parallel.deepspeed_config or filled):
             print(describe_filled(filled, self.cfg.parallel.deepspeed_config, adopted_from_json(self.cfg)), flush=True)
         self.ds_config = ds_cfg

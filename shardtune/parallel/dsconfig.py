@@ -297,3 +297,12 @@ def describe_filled(filled: list[str], src: str | None, adopted: list[str] = ())
     if not parts:
         return f"deepspeed config: {where} used as written (no \"auto\" values)"
     return "deepspeed config: " + "; ".join(parts)
+
+
+def cast_dtype(ds_cfg: dict) -> torch.dtype | None:
+    """The dtype DeepSpeed casts the module's floating-point parameters to (bf16/fp16 mode), None in fp32."""
+    if (ds_cfg.get("bf16") or {}).get("enabled") is True:
+        return torch.bfloat16
+    if (ds_cfg.get("fp16") or {}).get("enabled") is True:
+        return torch.float16
+    return None

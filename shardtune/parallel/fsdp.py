@@ -58,23 +58,6 @@ def mixed_precision_policy(compute_dtype: torch.dtype):
     return MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
 
 
-def check_quant_storage(model: nn.Module, mp_policy) -> None:
-    """FSDP2 casts floating-point parameters to `param_dtype` before the all-gather. The packed 4-bit bytes live in
-    a float tensor (quant storage dtype); a cast would reinterpret them as numbers and scramble every weight."""
-    from shardtune.parallel.quant4 import ShardedLinear4bit
-    want = mp_policy.param_dtype
-    if want is None:
-        return
-    for name, m in model.named_modules():
-        if isinstance(m, ShardedLinear4bit):
-            st = m.layout.storage_dtype
-            if st.is_floating_point and st != want:
-                raise ConfigError(f"4-bit weights of {name} are stored as {str(st).replace('torch.', '')} but FSDP "
-                                  f"would gather them as {str(want).replace('torch.', '')} (train.precision), which "
-                                  "scrambles the packed bytes; load the model with bnb_4bit_quant_storage equal to "
-                                  "the compute dtype (shardtune's loader does) or use uint8 storage")
-
-
 def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
     """Shard `model` in place with FSDP2 and return it.
 
@@ -83,7 +66,7 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
     then fill each parameter's local shard with `copy_full_into` / `shardtune.parallel.quant4.quantize_into`).
     Every bitsandbytes Linear4bit is first converted to ShardedLinear4bit so that its constants shard too.
     `cfg` supplies parallel.zero_stage, parallel.offload_param and parallel.offload_optimizer."""
-    from shardtune.parallel.quant4 import make_shardable
+    from shardtune.parallel.quant4 import check_quant_storage, make_shardable
     fully_shard, _, CPUOffloadPolicy, OffloadPolicy = _fsdp_api()
     if _is_fsdp_module(model):  # already sharded (e.g. by build_model before the loop calls setup)
         return model
@@ -94,7 +77,7 @@ def shard_model(model: nn.Module, cfg, mesh=None, compute_dtype: torch.dtype = t
         mesh = init_device_mesh(dev, (dist.get_world_size(),))
     make_shardable(model, weight_dtype=compute_dtype)
     mp = mixed_precision_policy(compute_dtype)
-    check_quant_storage(model, mp)
+    check_quant_storage(model, mp.param_dtype, "FSDP")
     p = cfg.parallel
     offload = p.offload_param or p.offload_optimizer
     off = CPUOffloadPolicy(pin_memory=mesh.device_type == "cuda") if offload else OffloadPolicy()

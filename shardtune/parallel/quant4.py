@@ -25,6 +25,8 @@ from torch import nn
 import bitsandbytes as bnb
 import bitsandbytes.functional as bnbF
 
+from shardtune.errors import ConfigError
+
 NESTED_BLOCKSIZE = 256  # bitsandbytes' fixed blocksize for double-quantizing absmax
 
 
@@ -263,6 +265,27 @@ def make_shardable(model: nn.Module, weight_dtype: torch.dtype | None = None) ->
             convert_linear4bit(m, weight_dtype)
             n += 1
     return n
+
+
+def check_quant_storage(model: nn.Module, cast_to: torch.dtype | None, engine: str) -> None:
+    """Refuse a model whose packed 4-bit bytes an engine would cast. FSDP2 (mixed-precision param_dtype) and DeepSpeed
+    (bf16/fp16 mode) cast floating-point parameters to the compute dtype; the packed bytes live in a tensor of the
+    quant storage dtype, and a cast to another float dtype converts them as numbers and scrambles every weight.
+    Integer (uint8) storage is never cast. `cast_to` None: the engine casts nothing."""
+    if cast_to is None:
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, ShardedLinear4bit):
+            stored = m.layout.storage_dtype
+        elif isinstance(m, bnb.nn.Linear4bit):
+            stored = m.weight.dtype
+        else:
+            continue
+        if stored.is_floating_point and stored != cast_to:
+            raise ConfigError(f"4-bit weights of {name} are stored as {str(stored).replace('torch.', '')} but {engine} "
+                              f"casts parameters to {str(cast_to).replace('torch.', '')} (train.precision), which "
+                              "scrambles the packed bytes; load the model with bnb_4bit_quant_storage equal to the "
+                              "compute dtype (shardtune's loader does) or use uint8 storage")
 
 
 def quantize_into(m: ShardedLinear4bit, full_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

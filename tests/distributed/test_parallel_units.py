@@ -259,22 +259,23 @@ def test_quant_constants_are_a_few_percent_of_packed_bytes():
 
 
 def test_fsdp_guard_refuses_a_storage_dtype_it_would_cast():
-    from shardtune.parallel.fsdp import check_quant_storage, mixed_precision_policy
-    from shardtune.parallel.quant4 import convert_linear4bit
+    from shardtune.parallel.fsdp import mixed_precision_policy
+    from shardtune.parallel.quant4 import check_quant_storage, convert_linear4bit
     model = torch.nn.Sequential(convert_linear4bit(_linear4bit(torch.float32, True)))
-    with pytest.raises(ConfigError, match="stored as float32 but FSDP would gather them as bfloat16"):
-        check_quant_storage(model, mixed_precision_policy(torch.bfloat16))
-    check_quant_storage(model, mixed_precision_policy(torch.float32))  # no cast, no error
+    with pytest.raises(ConfigError, match="stored as float32 but FSDP casts parameters to bfloat16"):
+        check_quant_storage(model, mixed_precision_policy(torch.bfloat16).param_dtype, "FSDP")
+    check_quant_storage(model, mixed_precision_policy(torch.float32).param_dtype, "FSDP")  # no cast, no error
     ok = torch.nn.Sequential(convert_linear4bit(_linear4bit(torch.uint8, True)))
-    check_quant_storage(ok, mixed_precision_policy(torch.bfloat16))  # FSDP never casts integer storage
+    check_quant_storage(ok, mixed_precision_policy(torch.bfloat16).param_dtype, "FSDP")  # integer storage: no cast
 
 
 def test_deepspeed_guard_refuses_a_storage_dtype_it_would_cast():
-    from shardtune.parallel.deepspeed import check_storage_vs_precision
+    from shardtune.parallel.dsconfig import cast_dtype
+    from shardtune.parallel.quant4 import check_quant_storage
     model = torch.nn.Sequential(_linear4bit(torch.float32, True))
-    with pytest.raises(ConfigError, match="stored as float32 but DeepSpeed runs in bfloat16"):
-        check_storage_vs_precision(model, {"bf16": {"enabled": True}})
-    check_storage_vs_precision(model, {"bf16": {"enabled": False}})
+    with pytest.raises(ConfigError, match="stored as float32 but DeepSpeed casts parameters to bfloat16"):
+        check_quant_storage(model, cast_dtype({"bf16": {"enabled": True}}), "DeepSpeed")
+    check_quant_storage(model, cast_dtype({"bf16": {"enabled": False}}), "DeepSpeed")
 
 
 # ------------------------------------------------------------------------------------------------ balance
