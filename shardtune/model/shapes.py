@@ -347,7 +347,7 @@ CATALOGUE: dict[str, dict[str, Any]] = {
                             aliases=["mistralai/Mistral-7B-v0.3"]),
 }
 
-# The quickstart's tiny Llama (shardtune.model.tiny.builtin_model_dir builds it with exactly these values).
+# The quickstart's tiny Llama (shardtune.builtin.tiny_model.builtin_model_dir builds it with exactly these values).
 TINY_LLAMA = _llama(128, 352, 4, 4, 2, 768, 2048)
 TINY_LLAMA["head_dim"] = 32
 
@@ -458,7 +458,7 @@ def resolve_shape(name_or_path: str) -> ModelShape:
     if name.startswith("builtin:"):
         if name != "builtin:tiny-llama":
             raise ModelError(f"model '{name}' is not a built-in model; the built-in one is builtin:tiny-llama")
-        return shape_from_config(TINY_LLAMA, name=name, source="shardtune.model.tiny (quickstart)")
+        return shape_from_config(TINY_LLAMA, name=name, source="shardtune.builtin.tiny_model (quickstart)")
     p = Path(name).expanduser()
     if p.is_dir():
         if not (p / "config.json").is_file():
