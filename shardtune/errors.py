@@ -3,6 +3,7 @@
 
 class ShardtuneError(Exception):
     """Base class for errors caused by the user's input or environment (not by a bug)."""
+    exit_code = 2
 
 
 class ConfigError(ShardtuneError):
@@ -27,3 +28,13 @@ class DoesNotFit(ShardtuneError):
 
 class ImbalanceError(ShardtuneError):
     """Ranks hold very different amounts of parameter memory (the sharding silently failed)."""
+
+
+class Diverged(ShardtuneError):
+    """Training produced non-finite losses or gradients for too many consecutive steps."""
+    exit_code = 3
+
+
+class Stopped(ShardtuneError):
+    """A preemption signal (SIGTERM, SIGUSR1) stopped the run after a complete checkpoint; resume continues it."""
+    exit_code = 75  # EX_TEMPFAIL: try again later (Slurm requeue scripts can test for it)

@@ -1,8 +1,11 @@
 """The contract between the training loop and a sharding engine.
 
-The loop never knows which engine shards the model. It asks the engine to wrap the model, run backward on a loss,
-take an optimizer step, save/load checkpoints and gather the adapter weights. Each engine (none, ddp, fsdp, deepspeed)
-implements this class in its own module and is chosen by `shardtune.parallel.make_engine`.
+The loop never knows which engine shards the model. The trainer builds the model, the optimizer and the LR schedule;
+the engine wraps or shards the model (`wrap`), takes the optimizer the trainer built (`setup`), runs backward and the
+optimizer step, and saves/loads its share of the training state. What the loop and the checkpoints need to know
+about an engine it declares as attributes (`direct_forward`, `state_format`, ...), never through its name.
+Each engine (none, ddp, fsdp, deepspeed) implements this class in its own module and is chosen by
+`shardtune.parallel.make_engine`.
 
 Loss convention: the loop passes `loss = sum(token losses in this micro batch) / (target tokens in the whole global
 batch, all ranks and micro steps)`. `backward(loss)` must leave gradients equal to the gradient of the sum of these
@@ -16,7 +19,7 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -34,18 +37,35 @@ class DistInfo:
 
 
 class Engine:
-    """Base class; subclasses override what differs. Attributes set by `setup`: model, optimizer, scheduler."""
+    """Base class; subclasses override what differs. `setup` sets model, optimizer, scheduler."""
 
     name = "base"
+    # the loop may call the decoder and the head itself (fused loss without the model's forward): only when no
+    # wrapper has hooks on the model's forward
+    direct_forward = False
+    # how the training state is stored: "replicated" (rank 0 writes one copy), "sharded" (every rank writes its
+    # shard; re-sharded on load for any rank count) or "deepspeed" (DeepSpeed's own files; same rank count only)
+    state_format = "replicated"
+    # True when the engine's run-time configuration (a DeepSpeed JSON) carries its own optimizer / LR schedule
+    brings_optimizer = False
+    brings_scheduler = False
 
-    def __init__(self, cfg, dist: DistInfo, device: torch.device, compute_dtype: torch.dtype):
+    @property
+    def loss_scaling(self) -> bool:
+        """True when skipped updates can be a loss scaler's overflow handling (fp16), not divergence."""
+        return self.compute_dtype == torch.float16
+
+    def __init__(self, cfg, dist: DistInfo, device: torch.device, compute_dtype: torch.dtype, total_steps: int = 1):
         self.cfg = cfg
+        self.total_steps = total_steps  # optimizer steps of the run (a DeepSpeed JSON's "auto" scheduler counts)
         self.dist = dist
         self.device = device
         self.compute_dtype = compute_dtype
         self.model: Optional[nn.Module] = None
         self.optimizer = None
         self.scheduler = None
+        self.scaler = None
+        self.params: list[nn.Parameter] = []
 
     # -- set-up -------------------------------------------------------------------------------------------------
     def build_model(self, model_dir: Path) -> nn.Module:
@@ -57,34 +77,76 @@ class Engine:
         from shardtune.model.load import build_model
         return build_model(self.cfg, model_dir, self.device, self.compute_dtype)
 
-    def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
-        """Wrap/shard `model`, build optimizer + LR scheduler over the trainable parameters. Returns the model to call."""
-        raise NotImplementedError
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Wrap or shard `model` (no optimizer yet). Afterwards `named_trainable()` lists what the optimizer steps."""
+        self.model = model
+        return model
+
+    def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        """(name, parameter) of every trainable parameter as the optimizer sees it (sharded engines: the shards),
+        named like the unwrapped peft model's state_dict."""
+        return [(n, p) for n, p in self.unwrapped().named_parameters() if p.requires_grad]
+
+    @property
+    def optimizer_device(self) -> torch.device:
+        """Where the optimizer state lives (the CPU when the engine offloads it)."""
+        return self.device
+
+    @property
+    def fused_optimizer(self) -> Optional[bool]:
+        """Whether the optimizer may use the fused kernel (None: the optimizer's own default for the device)."""
+        return None
+
+    def setup(self, optimizer, schedule: Callable) -> nn.Module:
+        """Take the optimizer the trainer built over `named_trainable()` (None when `brings_optimizer`) and
+        `schedule(optimizer) -> LR scheduler`. Returns the model to call."""
+        self.params = [p for _, p in self.named_trainable()]
+        self.optimizer = optimizer
+        self.scheduler = schedule(optimizer)
+        # fp16 has too little range for raw gradients; bf16 and fp32 do not need scaling
+        if self.compute_dtype == torch.float16:
+            self.scaler = self.make_scaler()
+        return self.model
+
+    def make_scaler(self):
+        return torch.amp.GradScaler(self.device.type)
 
     # -- one step -----------------------------------------------------------------------------------------------
     def accumulating(self, is_last_micro_step: bool):
         """Context for a micro step; engines that all-reduce in backward skip the reduction until the last one."""
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        raise NotImplementedError
+    def grad_scale(self) -> float:
+        """Factor the loop's loss is multiplied by before backward (engines that average over ranks: world size)."""
+        return 1.0
 
-    def step(self) -> torch.Tensor:
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss * self.grad_scale() if self.grad_scale() != 1.0 else loss
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self, finite_loss: bool = True) -> tuple[torch.Tensor, bool]:
         """Clip to train.grad_clip, step the optimizer and the scheduler, zero grads. Returns the pre-clip global
-        grad norm as a 0-d tensor (no host sync). Engines with their own optimizer wrapper (DeepSpeed) override it;
-        the others share this and only say how to clip (`clip_gradients`)."""
-        scaler = getattr(self, "scaler", None)
+        grad norm (0-d tensor) and whether the update was applied. A non-finite loss, or a non-finite gradient norm
+        without a loss scaler, skips the update (no optimizer or scheduler step); with an fp16 loss scaler, inf
+        gradients are the scaler's business (it skips and lowers the scale). Engines with their own optimizer
+        wrapper (DeepSpeed) override it; the others share this and only say how to clip (`clip_gradients`)."""
+        scaler = self.scaler
         if scaler:
             scaler.unscale_(self.optimizer)
         norm = self.clip_gradients()
-        if scaler:
-            scaler.step(self.optimizer)  # skips the step when the unscaled gradients hold inf/nan
+        # one host read per step: a diverged step must not reach the weights (docs/reliability.md)
+        applied = finite_loss and (scaler is not None or bool(torch.isfinite(norm)))
+        if applied:
+            if scaler:
+                scaler.step(self.optimizer)  # skips the step when the unscaled gradients hold inf/nan
+                scaler.update()
+            else:
+                self.optimizer.step()
+            self.scheduler.step()
+        elif scaler:
             scaler.update()
-        else:
-            self.optimizer.step()
-        self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm.detach()
+        return norm.detach(), applied
 
     def clip_gradients(self) -> torch.Tensor:
         """Global grad norm of the trainable parameters, clipped in place to train.grad_clip (0 = no clipping)."""
@@ -107,17 +169,21 @@ class Engine:
             dist.barrier()
 
     # -- checkpoints ----------------------------------------------------------------------------------------------
-    def save_checkpoint(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
-        """Write model-trainable + optimizer + scheduler state (sharded where the engine shards) into ckpt_dir."""
-        raise NotImplementedError
+    def save_checkpoint(self, ckpt_dir: Path) -> list[Path]:
+        """Write this rank's share of the trainable weights, optimizer, scheduler and scaler state into ckpt_dir
+        (safetensors + JSON, no pickle). Returns the files this rank wrote (they are fsynced and listed in the
+        checkpoint's manifest)."""
+        from shardtune.parallel.state import save_training_state
+        return save_training_state(self, Path(ckpt_dir))
 
-    def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any]:
-        raise NotImplementedError
+    def load_checkpoint(self, ckpt_dir: Path) -> None:
+        from shardtune.parallel.state import load_training_state
+        load_training_state(self, Path(ckpt_dir))
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Full (unsharded) trainable weights on CPU, keyed like the unwrapped peft model's state_dict.
         Every rank must call it (it may use collectives); only rank 0's result is used."""
-        raise NotImplementedError
+        return {n: p.detach().to("cpu", copy=True) for n, p in self.named_trainable()}
 
     def unwrapped(self) -> nn.Module:
         """The peft/transformers module underneath any wrapper (for save_pretrained of configs, generation)."""

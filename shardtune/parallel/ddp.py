@@ -1,22 +1,23 @@
 """DistributedDataParallel: a full replica per rank, gradients all-reduced in buckets during backward. For models
-whose 4-bit base fits on one GPU; it is the fastest engine when it fits (no parameter gathers)."""
+whose 4-bit base fits on one GPU; it is the fastest engine when it fits (no parameter gathers).
+
+It is the one-process engine plus a DDP wrapper: replicas are identical, so checkpoints, the adapter gather and the
+optimizer step are the one-process engine's (rank 0 writes one copy)."""
 
 from __future__ import annotations
 
 import contextlib
 
-import torch
 from torch import nn
 
 from shardtune.parallel.single import SingleEngine
-from shardtune.train.optim import build_optimizer, build_scheduler
 
 
 class DDPEngine(SingleEngine):
-    """Checkpoints and the adapter gather come from SingleEngine (replicas are identical)."""
     name = "ddp"
+    direct_forward = False  # DDP's forward hooks (gradient-ready bookkeeping) must run
 
-    def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
+    def wrap(self, model: nn.Module) -> nn.Module:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         from shardtune.parallel.fsdp import refuse_deepspeed_json
@@ -29,19 +30,13 @@ class DDPEngine(SingleEngine):
         # parameters take part in the reduction
         self.model = DDP(model, device_ids=ids, output_device=ids[0] if ids else None,
                          find_unused_parameters=False, broadcast_buffers=False)
-        self.params = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = build_optimizer(self.params, self.cfg.train, self.device)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.compute_dtype == torch.float16 else None
         return self.model
 
     def accumulating(self, is_last_micro_step: bool):
         return contextlib.nullcontext() if is_last_micro_step else self.model.no_sync()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # DDP averages over ranks; the loss convention wants the sum
-        loss = loss * self.dist.world_size
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+    def grad_scale(self) -> float:
+        return float(self.dist.world_size)  # DDP averages over ranks; the loss convention wants the sum
 
     def unwrapped(self) -> nn.Module:
         return self.inner

@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import warnings
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -21,7 +20,6 @@ from torch import nn
 from shardtune.errors import ConfigError, EnvironmentProblem
 from shardtune.parallel.balance import tensor_local_bytes
 from shardtune.parallel.base import Engine
-from shardtune.train.optim import build_optimizer, build_scheduler
 
 TAG = "deepspeed"
 
@@ -44,10 +42,13 @@ def _min_quant_numel(model: nn.Module) -> int | None:
 
 class DeepSpeedEngine(Engine):
     name = "deepspeed"
+    state_format = "deepspeed"  # DeepSpeed's own files (each rank its optimizer partition): same rank count only
 
-    def setup(self, model: nn.Module, total_steps: int):
+    def wrap(self, model: nn.Module) -> nn.Module:
+        """Convert the 4-bit layers for stage 3 and resolve the DeepSpeed config; `deepspeed.initialize` runs in
+        `setup`, once the trainer has built the optimizer."""
         try:
-            import deepspeed
+            import deepspeed  # noqa: F401
         except ImportError:
             raise EnvironmentProblem("parallel.strategy=deepspeed needs deepspeed; pip install 'shardtune[deepspeed]'") from None
         from shardtune.parallel.dsconfig import (adopted_from_json, build_ds_config, cast_dtype, describe_filled,
@@ -61,26 +62,35 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3:  # first: the persistence threshold depends on the converted layers' constants
             make_shardable(model, weight_dtype=self.compute_dtype)
         ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
-                                         hidden_size=_hidden_size(model), total_steps=total_steps,
+                                         hidden_size=_hidden_size(model), total_steps=self.total_steps,
                                          min_quant_numel=_min_quant_numel(model) if self.stage == 3 else None)
         check_quant_storage(model, cast_dtype(ds_cfg), "DeepSpeed")
         if self.dist.is_main and (self.cfg.parallel.deepspeed_config or filled):
             print(describe_filled(filled, self.cfg.parallel.deepspeed_config, adopted_from_json(self.cfg)), flush=True)
         self.ds_config = ds_cfg
         z = ds_cfg["zero_optimization"]
-        offload_opt = isinstance(z.get("offload_optimizer"), dict) and z["offload_optimizer"].get("device", "none") != "none"
+        self.offload_opt = isinstance(z.get("offload_optimizer"), dict) and \
+            z["offload_optimizer"].get("device", "none") != "none"
+        self.brings_optimizer = "optimizer" in ds_cfg
+        self.brings_scheduler = "scheduler" in ds_cfg
+        self.model = model
+        return model
 
-        params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = None
-        if "optimizer" not in ds_cfg:
-            optimizer = build_optimizer(params, self.cfg.train, torch.device("cpu") if offload_opt else self.device)
-        scheduler = None
-        if "scheduler" not in ds_cfg:
-            tcfg = self.cfg.train
-            scheduler = lambda opt: build_scheduler(opt, tcfg, total_steps)  # noqa: E731 - DeepSpeed takes a callable
+    @property
+    def optimizer_device(self) -> torch.device:
+        return torch.device("cpu") if self.offload_opt else self.device
+
+    def setup(self, optimizer, schedule):
+        import deepspeed
+        model = self.model
+        params = [p for _, p in self.named_trainable()]
+        # DeepSpeed takes the schedule as a callable on the optimizer it wraps
+        scheduler = None if self.brings_scheduler else schedule
         self.ds, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg,
-            dist_init_required=False)
+            model=model, model_parameters=params, optimizer=None if self.brings_optimizer else optimizer,
+            lr_scheduler=scheduler, config=self.ds_config, dist_init_required=False)
+        from shardtune.parallel.safe_load import SafeTorchCheckpointEngine
+        self.ds.checkpoint_engine = SafeTorchCheckpointEngine(self.ds.checkpoint_engine)
         self.model = self.ds
         return self.ds
 
@@ -94,12 +104,16 @@ class DeepSpeedEngine(Engine):
         # is already normalised over the whole global batch)
         self.ds.backward(loss * self.dist.world_size, scale_wrt_gas=False)
 
-    def step(self) -> torch.Tensor:
+    def step(self, finite_loss: bool = True) -> tuple[torch.Tensor, bool]:
+        """DeepSpeed computes the norm inside its step and skips the update itself when the gradients hold inf/nan
+        (fp16 loss scaling, and bf16's check_grad_overflow, on by default): neither the optimizer nor the LR
+        schedule advances. A non-finite loss gives non-finite gradients, so it is skipped the same way."""
+        skipped = self.ds.skipped_steps
         self.ds.step()
         norm = self.ds.get_global_grad_norm()
         if norm is None:
             norm = float("nan")
-        return torch.as_tensor(float(norm))
+        return torch.as_tensor(float(norm)), self.ds.skipped_steps == skipped
 
     def lr(self) -> float:
         return float(self.ds.get_lr()[0])
@@ -107,17 +121,18 @@ class DeepSpeedEngine(Engine):
     def unwrapped(self) -> nn.Module:
         return self.ds.module
 
-    def save_checkpoint(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
-        """DeepSpeed's own sharded format (each rank writes its optimizer partition); frozen base weights excluded."""
-        self.ds.save_checkpoint(str(ckpt_dir), tag=TAG, client_state=dict(client_state), save_latest=False,
-                                exclude_frozen_parameters=True)
+    def save_checkpoint(self, ckpt_dir: Path) -> list[Path]:
+        """DeepSpeed's own sharded format (each rank writes its optimizer partition); frozen base weights excluded.
+        Its files are torch pickles: they are loaded with weights_only=True and an allow-list (parallel/safe_load)."""
+        before = set(Path(ckpt_dir).rglob("*"))
+        self.ds.save_checkpoint(str(ckpt_dir), tag=TAG, save_latest=False, exclude_frozen_parameters=True)
+        return sorted(p for p in set(Path(ckpt_dir).rglob("*")) - before if p.is_file())
 
-    def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any]:
-        path, client = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_module_strict=False,
-                                               load_optimizer_states=True, load_lr_scheduler_states=True)
+    def load_checkpoint(self, ckpt_dir: Path) -> None:
+        path, _ = self.ds.load_checkpoint(str(ckpt_dir), tag=TAG, load_module_strict=False,
+                                          load_optimizer_states=True, load_lr_scheduler_states=True)
         if path is None:
             raise ConfigError(f"no DeepSpeed checkpoint in {ckpt_dir}/{TAG}; was it written by parallel.strategy=deepspeed?")
-        return client or {}
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         """Full fp32 LoRA weights (DeepSpeed's master copy, gathered over ranks under ZeRO-3)."""

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
 
 import torch
 from packaging.version import Version
@@ -23,7 +22,6 @@ from torch import nn
 from shardtune.errors import ConfigError
 from shardtune.parallel.balance import tensor_local_bytes
 from shardtune.parallel.base import Engine
-from shardtune.train.optim import build_optimizer, build_scheduler
 
 
 def _fsdp_api():
@@ -155,6 +153,7 @@ def _is_dtensor(t) -> bool:
 
 class FSDPEngine(Engine):
     name = "fsdp"
+    state_format = "sharded"  # each rank writes its shards; any rank count re-shards them on load
     mesh = None
 
     def _mesh(self):
@@ -180,7 +179,7 @@ class FSDPEngine(Engine):
                                     shard=lambda m: shard_model(m, cfg, mesh, dtype),
                                     random_init=cfg.model.random_init)
 
-    def setup(self, model: nn.Module, total_steps: int) -> nn.Module:
+    def wrap(self, model: nn.Module) -> nn.Module:
         refuse_deepspeed_json(self.cfg, self.name)
         if self.cfg.train.optimizer != "adamw":
             # bitsandbytes' 8-bit optimizers index raw tensors; FSDP2's parameters are DTensors
@@ -188,28 +187,30 @@ class FSDPEngine(Engine):
                               "parameters; use train.optimizer=adamw (the optimizer state is sharded anyway)")
         shard_model(model, self.cfg, self._mesh(), self.compute_dtype)
         self.model = model
-        self.params = [p for p in model.parameters() if p.requires_grad]
         p = self.cfg.parallel
         self.offload = p.offload_param or p.offload_optimizer
-        opt_device = torch.device("cpu") if self.offload else self.device
-        self.optimizer = build_optimizer(self.params, self.cfg.train, opt_device,
-                                         fused=False if self.compute_dtype == torch.float16 else None)
-        self.scheduler = build_scheduler(self.optimizer, self.cfg.train, total_steps)
-        self.scaler = None
-        if self.compute_dtype == torch.float16:
-            from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-            self.scaler = ShardedGradScaler()
         return model
+
+    @property
+    def optimizer_device(self) -> torch.device:
+        return torch.device("cpu") if self.offload else self.device
+
+    @property
+    def fused_optimizer(self):
+        # ShardedGradScaler hands fused AdamW a found_inf of shape [1], which it rejects
+        return False if self.compute_dtype == torch.float16 else None
+
+    def make_scaler(self):
+        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+        return ShardedGradScaler()
 
     def accumulating(self, is_last_micro_step: bool):
         # without sync FSDP2 keeps unsharded gradients between micro steps (small: only LoRA parameters train)
         self.model.set_requires_gradient_sync(is_last_micro_step)
         return contextlib.nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        # FSDP2 averages gradients over ranks; the loss convention wants their sum
-        loss = loss * self.dist.world_size
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
+    def grad_scale(self) -> float:
+        return float(self.dist.world_size)  # FSDP2 averages gradients over ranks; the loss convention wants the sum
 
     def _local_grads(self) -> dict[tuple, list[torch.Tensor]]:
         """This rank's gradient shards grouped by (device, dtype), for the multi-tensor (foreach) kernels: one
@@ -242,37 +243,6 @@ class FSDPEngine(Engine):
             for (device, _), grads in groups.items():
                 torch._foreach_mul_(grads, coef.to(device))
         return norm
-
-    # -- checkpoints ----------------------------------------------------------------------------------------------
-    def _dcp_state(self):
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-        opts = StateDictOptions(ignore_frozen_params=True, strict=False)
-        msd, osd = get_state_dict(self.model, self.optimizer, options=opts)
-        return {"model": msd, "optim": osd}, opts
-
-    def save_checkpoint(self, ckpt_dir: Path, client_state: dict[str, Any]) -> None:
-        """Sharded: each rank writes its shard of the LoRA weights and of the AdamW state (DCP); rank 0 adds the
-        scheduler and the caller's state. Frozen (base) weights are not written: they come from the model dir."""
-        import torch.distributed.checkpoint as dcp
-        state, _ = self._dcp_state()
-        dcp.save(state, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
-        if self.dist.is_main:
-            torch.save({"scheduler": self.scheduler.state_dict(), "client": client_state,
-                        "scaler": self.scaler.state_dict() if self.scaler else None, "world_size": self.dist.world_size},
-                       Path(ckpt_dir) / "engine_meta.pt")
-
-    def load_checkpoint(self, ckpt_dir: Path) -> dict[str, Any]:
-        import torch.distributed.checkpoint as dcp
-        from torch.distributed.checkpoint.state_dict import set_state_dict
-        state, opts = self._dcp_state()
-        dcp.load(state, checkpoint_id=str(Path(ckpt_dir) / "dcp"))
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"],
-                       options=opts)
-        meta = torch.load(Path(ckpt_dir) / "engine_meta.pt", map_location="cpu", weights_only=False)
-        self.scheduler.load_state_dict(meta["scheduler"])
-        if self.scaler and meta.get("scaler"):
-            self.scaler.load_state_dict(meta["scaler"])
-        return meta["client"]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
         out = {}

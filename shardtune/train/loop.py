@@ -15,14 +15,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from shardtune.errors import ConfigError
+from shardtune.errors import ConfigError, Diverged, Stopped
 from shardtune.parallel import dist_info_from_env, make_engine, resolve_strategy
 from shardtune.train import checkpoint as ckpt
+from shardtune.train.batches import GlobalBatches, micro_batches, targets_of as _targets, to_device as _to
 from shardtune.train.loss import can_fuse, fused_loss_sum, head_fused_loss_sum, logits_loss_sum
 from shardtune.train.metrics import MetricsLog, peak_memory_gb, plot_losses
+from shardtune.train.optim import build_optimizer, build_scheduler
+from shardtune.train.preempt import StopRequests
 
 
 @dataclass
@@ -35,47 +37,18 @@ class TrainResult:
     tokens_per_s: float = 0.0
     peak_mem_gb: tuple[float, float] = (0.0, 0.0)
     adapter_dir: Path | None = None
-
-
-class GlobalBatches:
-    """Sample indices of global batch `step`: a stream of per-epoch permutations (seed + epoch), cut in slices."""
-
-    def __init__(self, n: int, global_batch: int, seed: int):
-        self.n, self.g, self.seed = n, global_batch, seed
-        self._perms: dict[int, np.ndarray] = {}
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            self._perms[epoch] = np.random.default_rng(self.seed + epoch).permutation(self.n)
-        return self._perms[epoch]
-
-    def indices(self, step: int) -> list[int]:
-        start = step * self.g
-        return [int(self._perm((start + i) // self.n)[(start + i) % self.n]) for i in range(self.g)]
-
-
-def micro_batches(global_idx: list[int], rank: int, world: int, micro: int) -> list[list[int]]:
-    """This rank's micro batches: the global batch dealt round-robin over ranks, then cut into micro batches."""
-    mine = global_idx[rank::world]
-    return [mine[i:i + micro] for i in range(0, len(mine), micro)]
-
-
-def _to(batch: dict, device) -> dict:
-    return {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-
-
-
-
-def _targets(sample: dict) -> int:
-    return sum(1 for t in sample["labels"][1:] if t != -100)
+    skipped_steps: int = 0                                   # updates skipped for a non-finite loss/grad norm
 
 
 class Trainer:
+    """`setup` is a list of short named steps (runtime, output, data, model, engine, resume); `run` is the loop."""
+
     def __init__(self, cfg, out=print, time_steps: bool = False):
         self.cfg = cfg
         self.say_raw = out
         self.time_steps = time_steps  # benchmarks: synchronise and record every step's wall time
         self.step_times: list[float] = []
+        self.stops = StopRequests()
 
     def use_samples(self, train: list[dict], val: list[dict] | None = None) -> None:
         """Replace the data set after setup (benchmarks feed pre-tokenised random samples)."""
@@ -89,13 +62,18 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ set-up
     def setup(self) -> None:
-        from shardtune.data.pipeline import build_datasets, collate
-        from shardtune.model.load import (load_tokenizer, read_model_config, resolve_device, resolve_model_dir,
-                                          resolve_precision, trainable_summary)
-        from shardtune.resolve import with_deepspeed_json
-        cfg = self.cfg = with_deepspeed_json(self.cfg)  # a DeepSpeed JSON's values for keys the user did not set
+        self._setup_runtime()
+        self._setup_output()
+        self._setup_data()
+        self._setup_model()
+        self._setup_engine()
+        self._setup_resume()
+
+    def _setup_runtime(self) -> None:
+        """Ranks, device, process group, threads, precision, and `plan: auto`'s choice of config."""
+        from shardtune.model.load import resolve_device, resolve_precision
         self.dist = dist_info_from_env()
-        self.device = resolve_device(cfg.train, self.dist.local_rank)
+        self.device = resolve_device(self.cfg.train, self.dist.local_rank)
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         if self.dist.world_size > 1:
@@ -106,78 +84,120 @@ class Trainer:
             import os
             local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
-        self.dtype = resolve_precision(cfg.train, self.device)
-        cfg = self.cfg = self._plan(cfg)
-        self.strategy = resolve_strategy(cfg, self.dist.world_size)
-        self.out = Path(cfg.output.dir)
-        if self.dist.is_main:
-            self.out.mkdir(parents=True, exist_ok=True)
+        self.dtype = resolve_precision(self.cfg.train, self.device)
+        self.cfg = self._plan(self.cfg)
+        self.strategy = resolve_strategy(self.cfg, self.dist.world_size)
 
+    def _setup_output(self) -> None:
+        """output.dir must not hold another run unless this one resumes it or was told to start over. Every rank
+        looks before rank 0 changes anything, so they all reach the same verdict."""
+        self.out = Path(self.cfg.output.dir)
+        o, t = self.cfg.output, self.cfg.train
+        found = ckpt.existing_run(self.out)
+        self._barrier()
+        if found and not t.resume and not o.overwrite:
+            ckpt.prepare_output_dir(self.out, t.resume, o.overwrite)  # raises the one-line error
+        if self.dist.is_main:
+            note = ckpt.prepare_output_dir(self.out, t.resume, o.overwrite)
+            if note:
+                self.say(note)
+            try:
+                self.out.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                raise ConfigError(f"output.dir={self.out} cannot be created ({e.strerror}); choose a writable "
+                                  "output.dir") from None
+        self._barrier()
+
+    def _barrier(self) -> None:
+        if self.dist.world_size > 1:
+            import torch.distributed as tdist
+            tdist.barrier()
+
+    def _setup_data(self) -> None:
+        from shardtune.data.pipeline import build_datasets, collate, format_stats
+        from shardtune.model.load import load_tokenizer, read_model_config, resolve_model_dir
+        cfg, t = self.cfg, self.cfg.train
         self.model_dir = resolve_model_dir(cfg.model)
         read_model_config(self.model_dir, cfg.model.trust_remote_code)
         self.tokenizer = load_tokenizer(self.model_dir, cfg.model.trust_remote_code)
-        splits = build_datasets(cfg.data, self.tokenizer, cfg.train.seed)
+        splits = build_datasets(cfg.data, self.tokenizer, t.seed)
         self.train_set, self.val_set, self.data_stats = splits.train, splits.val, splits.stats
-        from shardtune.data.pipeline import format_stats
         self.say(format_stats(splits.stats))
         self.collate = lambda samples: collate(samples, self.tokenizer.pad_token_id)
         self.targets = [_targets(s) for s in self.train_set]
-
-        t = cfg.train
         self.global_batch = t.micro_batch_size * t.grad_accum * self.dist.world_size
         if t.max_steps > 0:
             self.total_steps = t.max_steps
         else:
             self.total_steps = max(1, math.ceil(t.epochs * len(self.train_set) / self.global_batch))
         self.batches = GlobalBatches(len(self.train_set), self.global_batch, t.seed)
-
-        self.say(f"shardtune: {cfg.train.method} on {self.model_dir.name} | {self.strategy} x{self.dist.world_size} "
+        self.say(f"shardtune: {t.method} on {self.model_dir.name} | {self.strategy} x{self.dist.world_size} "
                  f"{self.device.type} {str(self.dtype).replace('torch.', '')} | {len(self.train_set)} train / "
                  f"{len(self.val_set)} val samples | global batch {self.global_batch} "
                  f"({t.micro_batch_size} x {t.grad_accum} accum x {self.dist.world_size} ranks) | {self.total_steps} steps")
 
-        torch.manual_seed(t.seed)
-        self.engine = make_engine(cfg, self.dist, self.device, self.dtype)
+    def _setup_model(self) -> None:
+        """Base + LoRA for this rank (the engine decides how it is built), then the fused kernels."""
+        from shardtune.model.kernels import apply_kernels
+        from shardtune.model.load import trainable_summary
+        torch.manual_seed(self.cfg.train.seed)
+        self.engine = make_engine(self.cfg, self.dist, self.device, self.dtype, self.total_steps)
         model = self.engine.build_model(self.model_dir)
         report = getattr(model, "load_report", None)
         if report is not None:
             from shardtune.model.load_report import gather_load_reports
-            reports = gather_load_reports(report) if self.dist.world_size > 1 else [report]
-            for r in reports:
+            for r in (gather_load_reports(report) if self.dist.world_size > 1 else [report]):
                 self.say("load: " + r.format())
-        trainable, total = trainable_summary(model)
-        from shardtune.model.kernels import apply_kernels
-        self.kernels = apply_kernels(model, t.kernels, self.device)
-        self.model = self.engine.setup(model, self.total_steps)
-        # the fused loss: the one-process engine calls the decoder directly; wrapped engines swap the output
-        # layer's forward for one that returns the loss (their hooks keep running)
+        self.param_counts = trainable_summary(model)
+        self.kernels = apply_kernels(model, self.cfg.train.kernels, self.device)
+        self._built = model
+
+    def _setup_engine(self) -> None:
+        """The engine wraps or shards the model; the trainer builds the optimizer and schedule and hands them over."""
+        t, engine = self.cfg.train, self.engine
+        model = engine.wrap(self._built)
+        del self._built
+        optimizer = None
+        if not engine.brings_optimizer:
+            optimizer = build_optimizer([p for _, p in engine.named_trainable()], t, engine.optimizer_device,
+                                        fused=engine.fused_optimizer)
+        self.model = engine.setup(optimizer, lambda opt: build_scheduler(opt, t, self.total_steps))
+        del model
+        # the fused loss: an engine without wrapper hooks lets the loop call the decoder directly; wrapped engines
+        # swap the output layer's forward for one that returns the loss (their hooks keep running)
         self.fused = t.fused_loss and can_fuse(self.model)
         self.say(f"kernels: {self.kernels}; loss: {'fused' if self.fused else 'logits'}")
-        if cfg.plan.mode != "auto" and self.device.type == "cuda":
-            self._predict(cfg)
+        if self.cfg.plan.mode != "auto" and self.device.type == "cuda":
+            self._predict(self.cfg)
+        trainable, total = self.param_counts
         self.say(f"parameters: {trainable:,} trainable of {total:,} ({100 * trainable / max(total, 1):.2f}%)")
         if self.dist.world_size > 1:
             from shardtune.parallel.balance import check_balance
-            check_balance(self.engine, cfg.parallel.balance_tolerance)
+            check_balance(self.engine, self.cfg.parallel.balance_tolerance)
 
+    def _setup_resume(self) -> None:
+        from shardtune.train.checkpointer import Checkpointer
+        self.checkpointer = Checkpointer(self.cfg, self.engine, self.dist, self.out, self.tokenizer, self.strategy,
+                                         self.say)
         self.start_step = 0
-        if t.resume:
-            last = ckpt.latest_checkpoint(self.out)
-            if last is None:
-                self.say(f"resume: no complete checkpoint in {self.out / 'checkpoints'}; starting from step 0")
-            else:
-                engine_file = last / ckpt.ENGINE_FILE
-                if engine_file.is_file():
-                    problem = ckpt.resume_problem(json.loads(engine_file.read_text()), self.strategy,
-                                                  self.dist.world_size)
-                    if problem:
-                        raise ConfigError(f"train.resume: cannot continue from {last}: {problem}")
-                client = self.engine.load_checkpoint(last)
-                self.start_step = int(client["step"])
-                self.say(f"resume: continuing from {last} (step {self.start_step})")
+        if not self.cfg.train.resume:
+            return
+        last = ckpt.latest_checkpoint(self.out, self.say)
+        if last is None:
+            self.say(f"resume: no complete checkpoint in {self.out / 'checkpoints'}; starting from step 0")
+            return
+        saved = json.loads((last / ckpt.RUN_FILE).read_text())
+        problem = ckpt.resume_problem(saved, self.cfg.to_dict(), self.engine.state_format, self.strategy,
+                                      self.dist.world_size)
+        if problem:
+            raise ConfigError(f"train.resume: cannot continue from {last}: {problem}")
+        self.engine.load_checkpoint(last)
+        # last, so that nothing after it draws from the restored streams before the first step
+        self.start_step = int(ckpt.load_trainer_state(last, self.dist.rank)["step"])
+        self.say(f"resume: continuing from {last} (step {self.start_step})")
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
-        if self.fused and self.engine.name == "none":
+        if self.fused and self.engine.direct_forward:
             return fused_loss_sum(self.model, batch, self.dtype, self.device)
         if self.fused:
             return head_fused_loss_sum(self.model, batch, self.dtype, self.device)
@@ -250,13 +270,50 @@ class Trainer:
         self.engine.all_reduce_sum(toks)
         return (loss / toks.clamp(min=1)).item()
 
+    # ------------------------------------------------------------------------------------------------ eval
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        if not self.val_set:
+            return float("nan")
+        model, world, rank, micro = self.model, self.dist.world_size, self.dist.rank, self.cfg.train.micro_batch_size
+        model.eval()
+        n_batches = math.ceil(len(self.val_set) / (world * micro))
+        loss = torch.zeros((), device=self.device, dtype=torch.float64)
+        toks = torch.zeros((), device=self.device, dtype=torch.float64)
+        for b in range(n_batches):
+            lo = (b * world + rank) * micro
+            samples = self.val_set[lo:lo + micro]
+            weight = 1.0
+            if not samples:  # every rank must run the same number of forwards (sharded engines all-gather)
+                samples, weight = self.val_set[:1], 0.0
+            batch = _to(self.collate(samples), self.device)
+            loss += weight * self.loss_sum(batch).double()
+            toks += weight * (batch["labels"][:, 1:] != -100).sum()
+        model.train()
+        self.engine.all_reduce_sum(loss)
+        self.engine.all_reduce_sum(toks)
+        return (loss / toks.clamp(min=1)).item()
+
     # ------------------------------------------------------------------------------------------------ train
     def run(self) -> TrainResult:
         if not hasattr(self, "engine"):
             self.setup()
+        self.stops.install()
+        try:
+            return self._run()
+        finally:
+            self.stops.uninstall()
+
+    def _run(self) -> TrainResult:
         cfg, t, dist, engine = self.cfg, self.cfg.train, self.dist, self.engine
         res = TrainResult(output_dir=self.out)
-        log = MetricsLog(self.out, dist.is_main, cfg.output.tensorboard)
+        finished = (self.out / "adapter").is_dir() and (self.out / "shardtune_run.json").is_file()
+        if self.start_step >= self.total_steps and finished:  # resuming a finished run: nothing is rewritten
+            self.say(f"resume: the run already reached step {self.start_step} of {self.total_steps}; nothing to do "
+                     "(raise train.max_steps to continue it)")
+            res.adapter_dir = self.out / "adapter"
+            return res
+        self.log = log = MetricsLog(self.out, dist.is_main, cfg.output.tensorboard)
         if self.start_step == 0 and t.eval_every > 0 and self.val_set:
             ev = self.evaluate()
             res.eval_losses.append((0, ev))
@@ -270,6 +327,7 @@ class Trainer:
         win_loss = torch.zeros((), device=self.device, dtype=torch.float64)
         win_targets = 0
         tokens_total = 0
+        bad_in_a_row = 0
         step = self.start_step
         try:
             for step in range(self.start_step, self.total_steps):
@@ -288,15 +346,24 @@ class Trainer:
                     step_loss += loss_sum.detach().double()
                     win_tokens += (batch["attention_mask"].sum() if "attention_mask" in batch
                                    else batch["input_ids"].numel())
-                grad_norm = engine.step()
+                # one agreement per step: a stop request on any rank, a non-finite loss on any rank
+                stop, bad_loss = self.stops.agree(dist.world_size, not bool(torch.isfinite(step_loss)))
+                grad_norm, applied = engine.step(finite_loss=not bad_loss)
                 if self.time_steps:
                     self._sync()
                     self.step_times.append(time.perf_counter() - ts)
+                done = step + 1
+                if not applied and (bad_loss or not engine.loss_scaling):
+                    # divergence (a loss scaler's overflow skip is not: it lowers the scale and goes on)
+                    bad_in_a_row += 1
+                    res.skipped_steps += 1
+                    self._bad_step(log, done, step_loss / gtargets, grad_norm, bad_in_a_row)
+                    continue
+                bad_in_a_row = 0
                 # keep the per-step loss on device; summed over ranks only at log points (no host sync per step)
                 res.losses.append(step_loss / gtargets)
                 win_loss += step_loss
                 win_targets += gtargets
-                done = step + 1
                 if progress:
                     progress.update(self._task, completed=done)
                 if done % t.log_every == 0 or done == self.total_steps:
@@ -310,14 +377,20 @@ class Trainer:
                     res.eval_losses.append((done, ev))
                     log.log(done, eval_loss=ev)
                     self.say(f"step {done} eval_loss {ev:.4f}")
-                if t.save_every > 0 and done % t.save_every == 0 and done < self.total_steps:
-                    self.save_checkpoint(done)
-        except KeyboardInterrupt:
+                periodic = t.save_every > 0 and done % t.save_every == 0
+                if periodic or stop or done == self.total_steps:
+                    # the last step too: a later run with a larger train.max_steps resumes from it
+                    d = self.save_checkpoint(done)
+                if stop and done < self.total_steps:
+                    raise Stopped(f"stopped by {self.stops.name} at step {done}; checkpoint {d}; "
+                                  "resume with train.resume=true")
+        except (KeyboardInterrupt, Stopped, Diverged) as e:
             if progress:
                 progress.stop()
-            last = ckpt.latest_checkpoint(self.out)
-            self.say(f"interrupted at step {step}; the last complete checkpoint is {last or 'none'}; "
-                     f"{self.out / 'adapter'} was not touched")
+            if isinstance(e, KeyboardInterrupt):
+                last = ckpt.latest_checkpoint(self.out)
+                self.say(f"interrupted at step {step}; the last complete checkpoint is {last or 'none'}; "
+                         f"{self.out / 'adapter'} was not touched")
             log.close()
             raise
         if progress:
@@ -333,6 +406,20 @@ class Trainer:
             plot_losses(log.rows, self.out / "loss.png")
         return res
 
+    def _bad_step(self, log, done: int, loss, grad_norm, in_a_row: int) -> None:
+        """A step whose update was skipped for a non-finite loss or gradient norm: logged; too many in a row stop the
+        run (the last checkpoint stays the last good state; no adapter is written)."""
+        loss_v = self.engine.all_reduce_sum(torch.as_tensor(loss, device=self.device, dtype=torch.float64)).item()
+        gn = float(grad_norm)
+        limit = self.cfg.train.max_bad_steps
+        log.log(done, skipped_nonfinite=1, loss=loss_v, grad_norm=gn)
+        self.say(f"step {done}: loss {loss_v:.4g}, grad_norm {gn:.4g}: update skipped ({in_a_row}/{limit} in a row)")
+        if in_a_row >= limit:
+            last = ckpt.latest_checkpoint(self.out)
+            raise Diverged(f"training diverged: {in_a_row} steps in a row with a non-finite loss or gradient norm "
+                           f"(step {done}: loss {loss_v:.4g}, grad_norm {gn:.4g}); last good checkpoint "
+                           f"{last or 'none'}, no adapter written; lower train.lr (now {self.cfg.train.lr:g}), use "
+                           "train.precision=bf16 instead of fp16, or set train.grad_clip")
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -367,41 +454,10 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------ saving
     def save_checkpoint(self, step: int) -> Path:
-        d = ckpt.step_dir(self.out, step)
-        if self.dist.is_main:
-            d.mkdir(parents=True, exist_ok=True)
-        self.engine.barrier()
-        self.engine.save_checkpoint(d, {"step": step})
-        if self.dist.is_main:
-            ckpt.write_json_atomic(d / ckpt.ENGINE_FILE, {"strategy": self.strategy, "world_size": self.dist.world_size})
-        sd = self.engine.trainable_state_dict()
-        if self.dist.is_main:
-            ckpt.save_adapter(self.engine.unwrapped(), sd, self.tokenizer, d / "adapter",
-                              full=self.cfg.train.method == "full")
-        self.engine.barrier()
-        if self.dist.is_main:
-            (d / ckpt.COMPLETE).write_text(str(step))
-            ckpt.prune_checkpoints(self.out)
-            self.say(f"checkpoint: {d}")
-        return d
+        return self.checkpointer.save(step)
 
     def save_final(self, res: TrainResult) -> Path:
-        sd = self.engine.trainable_state_dict()
-        final = self.out / "adapter"
-        if self.dist.is_main:
-            ckpt.save_adapter(self.engine.unwrapped(), sd, self.tokenizer, final, full=self.cfg.train.method == "full")
-            ckpt.write_json_atomic(self.out / "shardtune_run.json", {
-                "config": self.cfg.to_dict(), "base_model_dir": str(self.model_dir.resolve()),
-                "method": self.cfg.train.method, "precision": str(self.dtype).replace("torch.", ""),
-                "strategy": self.strategy, "world_size": self.dist.world_size, "steps": self.total_steps,
-                "first_train_loss": res.losses[0] if res.losses else None,
-                "final_train_loss": res.losses[-1] if res.losses else None,
-                "eval_losses": res.eval_losses, "seconds": round(res.seconds, 2),
-                "tokens_per_s": round(res.tokens_per_s, 1), "data": self.data_stats,
-            })
-            self.say(f"adapter saved to {final} ({res.seconds:.1f} s, {res.tokens_per_s:.0f} tok/s)")
-        self.engine.barrier()
-        return final
+        return self.checkpointer.save_final(res, self.model_dir, self.dtype, self.total_steps, self.data_stats)
 
 
 def train(cfg, out=print) -> TrainResult:

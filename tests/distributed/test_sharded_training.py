@@ -296,7 +296,7 @@ def test_fsdp_checkpoint_resumes_on_another_rank_count(setup_paths, two_rank, tm
 
 def test_resume_under_another_engine_is_a_clear_error(setup_paths, two_rank, tmp_path):
     from shardtune.errors import ConfigError
-    with pytest.raises(ConfigError, match=r"written by parallel.strategy=fsdp on 2 rank.*train.resume=false"):
+    with pytest.raises(ConfigError, match=r"written by parallel.strategy=fsdp on 2 rank.*output.overwrite=true"):
         _resume_in_one_process(setup_paths, two_rank, tmp_path, "fsdp-qlora", **{"parallel.strategy": "none"})
 
 

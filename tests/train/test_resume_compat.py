@@ -1,31 +1,61 @@
-"""Which engine may continue which checkpoint (shardtune.train.checkpoint.resume_problem)."""
+"""Which engine may continue which checkpoint, and which config changes stop a resume
+(shardtune.train.checkpoint.resume_problem)."""
 
 from __future__ import annotations
 
 import pytest
 
-from shardtune.train.checkpoint import resume_problem
+from shardtune.config import RunConfig
+from shardtune.train.checkpoint import RESUMABLE_CHANGES, resume_problem
+
+FORMAT = {"none": "replicated", "ddp": "replicated", "fsdp": "sharded", "deepspeed": "deepspeed"}
+
+
+def _saved(strategy, world, **changes):
+    cfg = RunConfig().to_dict()
+    for key, value in changes.items():
+        section, name = key.split(".")
+        cfg[section][name] = value
+    return {"config": cfg, "strategy": strategy, "world_size": world, "state_format": FORMAT[strategy]}
+
+
+def _check(saved, strategy, world):
+    return resume_problem(saved, RunConfig().to_dict(), FORMAT[strategy], strategy, world)
 
 
 @pytest.mark.parametrize("saved, strategy, world", [
-    ({"strategy": "none", "world_size": 1}, "ddp", 4),         # one replicated file serves both
-    ({"strategy": "ddp", "world_size": 2}, "none", 1),
-    ({"strategy": "fsdp", "world_size": 2}, "fsdp", 1),        # torch's distributed checkpoint re-shards
-    ({"strategy": "fsdp", "world_size": 2}, "fsdp", 8),
-    ({"strategy": "deepspeed", "world_size": 2}, "deepspeed", 2),
-    ({}, "none", 1),                                           # checkpoints from before engine.json: not checked
+    (_saved("none", 1), "ddp", 4),          # one replicated copy serves both
+    (_saved("ddp", 2), "none", 1),
+    (_saved("fsdp", 2), "fsdp", 1),         # per-rank shards are re-cut for any rank count
+    (_saved("fsdp", 2), "fsdp", 8),
+    (_saved("deepspeed", 2), "deepspeed", 2),
 ])
 def test_compatible(saved, strategy, world):
-    assert resume_problem(saved, strategy, world) is None
+    assert _check(saved, strategy, world) is None
 
 
 @pytest.mark.parametrize("saved, strategy, world, needles", [
-    ({"strategy": "fsdp", "world_size": 2}, "none", 1, ["parallel.strategy=fsdp on 2", "uses none"]),
-    ({"strategy": "deepspeed", "world_size": 2}, "fsdp", 2, ["parallel.strategy=deepspeed"]),
-    ({"strategy": "deepspeed", "world_size": 2}, "deepspeed", 4, ["same number of ranks", "launch 2 processes"]),
+    (_saved("fsdp", 2), "none", 1, ["parallel.strategy=fsdp on 2", "uses none"]),
+    (_saved("deepspeed", 2), "fsdp", 2, ["parallel.strategy=deepspeed"]),
+    (_saved("deepspeed", 2), "deepspeed", 4, ["same number of ranks", "launch 2 processes"]),
 ])
 def test_incompatible_names_both_sides_and_the_fix(saved, strategy, world, needles):
-    msg = resume_problem(saved, strategy, world)
-    assert msg and "train.resume=false" in msg
+    msg = _check(saved, strategy, world)
+    assert msg and "output.overwrite=true" in msg
     for n in needles:
         assert n in msg, msg
+
+
+@pytest.mark.parametrize("key, old", [("lora.rank", 8), ("train.lr", 1e-3), ("train.method", "lora"),
+                                      ("quant.quant_type", "fp4"), ("model.name_or_path", "other-model"),
+                                      ("data.path", "other.jsonl"), ("train.micro_batch_size", 2)])
+def test_a_changed_key_that_changes_the_state_is_named_old_to_new(key, old):
+    msg = _check(_saved("none", 1, **{key: old}), "none", 1)
+    assert msg and key in msg and repr(old) in msg and "->" in msg, msg
+
+
+@pytest.mark.parametrize("key, old", [("train.max_steps", 500), ("train.log_every", 1), ("train.eval_every", 7),
+                                      ("train.save_every", 3), ("output.tensorboard", False)])
+def test_keys_documented_as_resumable_may_change(key, old):
+    assert key in RESUMABLE_CHANGES
+    assert _check(_saved("none", 1, **{key: old}), "none", 1) is None
