@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 from shardtune.model.shapes import ModelShape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
-from shardtune.plan.memory import (activation_bytes_per_token_layer, base_param_elem, lora_params,
-                                   trainable_params, weight_bytes)
+from shardtune.plan.activations import activation_bytes_per_token_layer
+from shardtune.plan.weights import base_param_elem, lora_params, trainable_params, weight_bytes
 from shardtune.plan.setup import TrainSetup
 
 
