@@ -138,5 +138,10 @@ def test_cli_evaluate(tiny_run, sql_file, tmp_path, capsys):
     args = parser.parse_args(["--adapter", str(tiny_run.run_dir), "--data", str(sql_file), "--limit", "1",
                               "--max-new-tokens", "4", "--device", "cpu", "--out", str(tmp_path / "cli.json")])
     assert ev_mod.run(args) == 0
-    assert "execution accuracy" in capsys.readouterr().out
-    assert json.loads((tmp_path / "cli.json").read_text())["summary"]["n"] == 1
+    out = capsys.readouterr().out
+    assert "execution accuracy" in out and "prediction errors:" in out
+    saved = json.loads((tmp_path / "cli.json").read_text())
+    assert saved["summary"]["n"] == 1
+    # the worst-failures table is printed exactly when a record failed (the untrained model's 4 tokens usually do)
+    failed = [r for r in saved["records"] if r["status"] not in ("correct", "unscored")]
+    assert ("worst 1 of 1 failures" in out) == bool(failed)
