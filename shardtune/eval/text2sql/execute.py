@@ -73,6 +73,8 @@ def is_trivial(rows: list[tuple]) -> bool:
 
 
 def execution_match(db_path: str | Path, gold_sql: str, pred_sql: str, timeout_s: float = 5.0) -> ExecResult:
+    """Gold and prediction on one (real) database. A gold query that fails leaves the record unscored; a prediction
+    that fails is wrong, with the sandbox's reason and kind."""
     try:
         gold_rows = execute_readonly(db_path, gold_sql, timeout_s)
     except SqlExecutionError as e:
