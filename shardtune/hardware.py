@@ -43,26 +43,44 @@ def _g(name, mib, bf16, tflops, bw, link_gbs, link, pcie=20.0, aliases=(), ceili
     return GPUSpec(name, mib * MiB, bf16, tflops, bw, link_gbs, link, pcie, tuple(aliases), ceiling)
 
 
-# Memory in MiB as nvidia-smi / torch.cuda.get_device_properties report it for each board.
+# Memory in MiB as nvidia-smi / torch.cuda.get_device_properties report it for each board. A name is
+# "<family>[-<variant>]-<memory>GB"; `aliases` are other spellings of the family (matched as whole words) or of this
+# exact board. Within a family the first entry is the one a bare family name means (the SXM part where there is one).
 GPU_CATALOGUE: dict[str, GPUSpec] = {g.name: g for g in [
-    _g("V100-16GB", 16160, False, 125, 900, 150, "NVLink", 12, ["V100", "Tesla V100-SXM2-16GB", "V100-SXM2-16GB"]),
-    _g("V100-32GB", 32510, False, 125, 900, 150, "NVLink", 12, ["V100S", "Tesla V100-SXM2-32GB", "V100-SXM2-32GB"]),
-    _g("T4-16GB", 15360, False, 65, 320, 12, "PCIe", 12, ["T4", "Tesla T4"]),
-    _g("A100-40GB", 40960, True, 312, 1555, 300, "NVLink", 25, ["A100", "A100-SXM4-40GB", "A100-PCIE-40GB"]),
-    _g("A100-80GB", 81920, True, 312, 2039, 300, "NVLink", 25, ["A100-SXM4-80GB", "A100 80GB PCIe"]),
-    _g("H100-80GB", 81559, True, 989, 3350, 450, "NVLink", 50, ["H100", "H100 80GB HBM3", "H100-SXM5-80GB"],
+    _g("V100-16GB", 16160, False, 125, 900, 150, "NVLink", 12, ["V100"]),
+    _g("V100-32GB", 32510, False, 125, 900, 150, "NVLink", 12, ["V100S"]),
+    _g("T4-16GB", 15360, False, 65, 320, 12, "PCIe", 12, ["T4"]),
+    _g("A100-40GB", 40960, True, 312, 1555, 300, "NVLink", 25, ["A100"]),
+    _g("A100-80GB", 81920, True, 312, 2039, 300, "NVLink", 25, ["A100"]),
+    _g("A100-PCIe-40GB", 40960, True, 312, 1555, 25, "PCIe", 25, ["A100"]),
+    _g("A100-PCIe-80GB", 81920, True, 312, 1935, 25, "PCIe", 25, ["A100"]),
+    _g("H100-80GB", 81559, True, 989, 3350, 450, "NVLink", 50, ["H100"],
        800),   # ceiling: bench/ measurement on this project's H100/H200 machines (docs/benchmarks.md)
-    _g("H100-PCIe-80GB", 81559, True, 756, 2000, 50, "PCIe", 50, ["H100 PCIe"]),
-    _g("H200-141GB", 143771, True, 989, 4800, 450, "NVLink", 50, ["H200", "NVIDIA H200"], 800),
-    _g("RTX2080Ti-11GB", 11264, False, 54, 616, 12, "PCIe", 12, ["RTX2080Ti", "GeForce RTX 2080 Ti", "2080Ti"]),
-    _g("RTX3090-24GB", 24576, True, 71, 936, 20, "PCIe", 20, ["RTX3090", "GeForce RTX 3090", "3090"]),
-    _g("RTX4090-24GB", 24564, True, 165, 1008, 20, "PCIe", 20, ["RTX4090", "GeForce RTX 4090", "4090"]),
-    _g("A10G-24GB", 23028, True, 70, 600, 12, "PCIe", 12, ["A10G", "NVIDIA A10G"]),
-    _g("A10-24GB", 23028, True, 125, 600, 20, "PCIe", 20, ["A10", "NVIDIA A10"]),
-    _g("L4-24GB", 23034, True, 121, 300, 20, "PCIe", 20, ["L4", "NVIDIA L4"]),
-    _g("A6000-48GB", 49140, True, 155, 768, 50, "NVLink", 20, ["A6000", "RTX A6000", "NVIDIA RTX A6000"]),
-    _g("L40S-48GB", 46068, True, 362, 864, 25, "PCIe", 25, ["L40S", "NVIDIA L40S"]),
+    _g("H100-PCIe-80GB", 81559, True, 756, 2000, 50, "PCIe", 50, ["H100"]),
+    _g("H100-NVL-94GB", 95830, True, 835, 3900, 300, "NVLink", 50, ["H100"]),
+    _g("H200-141GB", 143771, True, 989, 4800, 450, "NVLink", 50, ["H200"], 800),
+    _g("RTX2080Ti-11GB", 11264, False, 54, 616, 12, "PCIe", 12, ["RTX2080Ti", "2080Ti"]),
+    _g("RTX3090-24GB", 24576, True, 71, 936, 20, "PCIe", 20, ["RTX3090", "3090"]),
+    _g("RTX4080-16GB", 16376, True, 97.5, 717, 25, "PCIe", 25, ["RTX4080", "4080"]),
+    _g("RTX4090-24GB", 24564, True, 165, 1008, 20, "PCIe", 20, ["RTX4090", "4090"]),
+    _g("RTX5090-32GB", 32607, True, 209.5, 1792, 50, "PCIe", 50, ["RTX5090", "5090"]),
+    _g("A10G-24GB", 23028, True, 70, 600, 12, "PCIe", 12, ["A10G"]),
+    _g("A10-24GB", 23028, True, 125, 600, 20, "PCIe", 20, ["A10"]),
+    _g("L4-24GB", 23034, True, 121, 300, 20, "PCIe", 20, ["L4"]),
+    _g("A5000-24GB", 24564, True, 111, 768, 56, "NVLink", 20, ["A5000", "RTX A5000"]),
+    _g("A6000-48GB", 49140, True, 155, 768, 56, "NVLink", 20, ["A6000", "RTX A6000"]),
+    _g("RTX6000Ada-48GB", 49140, True, 364, 960, 25, "PCIe", 25, ["RTX 6000 Ada", "RTX6000 Ada Generation"]),
+    _g("A40-48GB", 46068, True, 150, 696, 56, "NVLink", 25, ["A40"]),
+    _g("L40-48GB", 46068, True, 181, 864, 25, "PCIe", 25, ["L40"]),
+    _g("L40S-48GB", 46068, True, 362, 864, 25, "PCIe", 25, ["L40S"]),
 ]}
+
+# Accelerators people ask about that the planner does not model: a clear refusal instead of a wrong plan.
+NOT_MODELLED = {   # word in the name -> (what it is, its memory per device in GB)
+    "mi250": ("AMD Instinct MI250", 128), "mi250x": ("AMD Instinct MI250X", 128),
+    "mi300x": ("AMD Instinct MI300X", 192), "mi300a": ("AMD Instinct MI300A", 128),
+    "mi325x": ("AMD Instinct MI325X", 256), "gaudi2": ("Intel Gaudi 2", 96), "gaudi3": ("Intel Gaudi 3", 128),
+}
 
 # A GPU given only by memory ("1x24GB"): a mid-range PCIe card. Speed numbers are placeholders; say so in reports.
 GENERIC = GPUSpec("generic", 0, True, 100.0, 900.0, 20.0, "PCIe", 20.0)
@@ -115,27 +133,94 @@ class Hardware:
                 "link_gbs": self.gpu.link_gbs, "pcie_gbs": self.gpu.pcie_gbs, "source": self.source}
 
 
-def _key(s: str) -> str:
-    return re.sub(r"[^a-z0-9]", "", s.lower().replace("nvidia", "").replace("tesla", "").replace("geforce", ""))
+_VENDOR_WORDS = {"nvidia", "tesla", "geforce", "quadro", "amd", "instinct", "intel", "google"}
+_VARIANTS = {"sxm": "SXM", "sxm2": "SXM", "sxm4": "SXM", "sxm5": "SXM", "pcie": "PCIe", "nvl": "NVL"}
+_NAME_RE = re.compile(r"^(?P<family>[A-Za-z0-9]+)(?:-(?P<variant>[A-Za-z]+))?-(?P<mem>\d+)GB$")
 
 
-def _index() -> dict[str, GPUSpec]:
-    idx: dict[str, GPUSpec] = {}
-    for g in GPU_CATALOGUE.values():
-        for a in (g.name, *g.aliases):
-            idx.setdefault(_key(a), g)
-    return idx
+def _words(name: str) -> list[str]:
+    # a MIG slice ("A100-SXM4-80GB MIG 1g.10gb") is planned as its board; torch reports the slice's memory anyway
+    s = re.sub(r"\bmig\b.*$", "", name.lower())
+    return [w for w in re.split(r"[^a-z0-9]+", s) if w and w not in _VENDOR_WORDS]
+
+
+def _joins(words: list[str]) -> set[str]:
+    """Every run of consecutive words written together: 'rtx 4090' matches RTX4090, 'l40' never matches 'l4'."""
+    return {"".join(words[i:j]) for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+
+
+def _stated_memory_gb(words: list[str]) -> int | None:
+    for i, w in enumerate(words):
+        m = re.fullmatch(r"(\d+)(?:gb|gib|g)", w)
+        if m:
+            return int(m.group(1))
+        if w.isdigit() and i + 1 < len(words) and words[i + 1] in ("gb", "gib"):
+            return int(w)
+    return None
+
+
+def _family(g: GPUSpec) -> str:
+    m = _NAME_RE.match(g.name)
+    return m.group("family") if m else g.name
+
+
+def _variant(g: GPUSpec) -> str:
+    m = _NAME_RE.match(g.name)
+    return (m.group("variant") or "") if m else ""
+
+
+def _family_keys(g: GPUSpec) -> set[str]:
+    return {"".join(_words(a)) for a in (_family(g), *g.aliases)} - {""}
+
+
+def lookup_gpu(name: str) -> GPUSpec:
+    """The catalogue entry a GPU name means, matched by whole words (L40 is not L4) with the memory stated in the name
+    deciding between boards of one family (A100-PCIE-80GB is the 80 GB card). Unknown names, memory no board of the
+    family has, and accelerators the planner does not model are ConfigErrors naming the close matches."""
+    words = _words(name)
+    joins = _joins(words)
+    for key, (what, gb) in NOT_MODELLED.items():
+        if key in joins:
+            raise ConfigError(f"GPU '{name}': {what} is not modelled by the planner (its 4-bit kernels, memory and "
+                              f"speed figures are NVIDIA CUDA ones); plan by memory alone (--gpus 1x{gb}GB) and "
+                              "treat the predicted speed as a placeholder")
+    hits = [(len(k), g) for g in GPU_CATALOGUE.values() for k in _family_keys(g) if k in joins]
+    if not hits:
+        raise ConfigError(f"unknown GPU '{name}'{_close_matches(name)}; or give the memory alone (e.g. 1x24GB)")
+    longest = max(n for n, _ in hits)
+    family = [g for g in GPU_CATALOGUE.values() if any(n == longest and h is g for n, h in hits)]
+    mem = _stated_memory_gb(words)
+    if mem is not None:
+        sized = [g for g in family if abs(g.memory_bytes / GiB - mem) <= 0.08 * mem]
+        if not sized:
+            have = ", ".join(g.name for g in family)
+            raise ConfigError(f"GPU '{name}': no {_family(family[0])} board has {mem} GB (known: {have}); check "
+                              "the name or give the memory alone (e.g. 1x24GB)")
+        family = sized
+    stated = {_VARIANTS[w] for w in words if w in _VARIANTS}
+    if stated:
+        family = [g for g in family if _variant(g).upper() in {v.upper() for v in stated}
+                  or (not _variant(g) and stated == {"SXM"})] or family
+    return family[0]
+
+
+def _close_matches(name: str) -> str:
+    import difflib
+    names = list(GPU_CATALOGUE)
+    near = difflib.get_close_matches(name.upper(), [n.upper() for n in names], n=4, cutoff=0.4)
+    near = [n for n in names if n.upper() in near]
+    return f" (close: {', '.join(near)})" if near else f"; known: {', '.join(names)}"
 
 
 def find_gpu(name: str) -> GPUSpec | None:
-    """Catalogue entry for a GPU name ('V100-32GB', 'a100', 'NVIDIA H100 80GB HBM3'), or None."""
-    idx = _index()
-    k = _key(name)
-    if k in idx:
-        return idx[k]
-    # a device name with extra words ("NVIDIA A100-SXM4-80GB MIG 1g.10gb"): longest catalogue key it contains
-    hits = [(len(a), g) for a, g in idx.items() if a and a in k]
-    return max(hits, key=lambda t: t[0])[1] if hits else None
+    """Catalogue entry for a GPU name ('V100-32GB', 'a100', 'NVIDIA H100 80GB HBM3'), or None when unknown.
+    Accelerators the planner refuses (AMD, Intel, TPU) raise the refusal."""
+    try:
+        return lookup_gpu(name)
+    except ConfigError as e:
+        if "is not modelled" in str(e):
+            raise
+        return None
 
 
 _MEM_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(gb|gib|g)$", re.I)
@@ -168,10 +253,10 @@ def parse_gpus(text: str, nodes: int = 1, cpu_ram_bytes: int | None = None,
     if mem is not None:
         gpu = replace(GENERIC, name=f"generic-{mem / GiB:g}GB", memory_bytes=mem)
     else:
-        gpu = find_gpu(what)
-        if gpu is None:
-            raise ConfigError(f"--gpus '{text}': unknown GPU '{what}'; known: {', '.join(GPU_CATALOGUE)}, "
-                              "or give the memory alone (e.g. 1x24GB)")
+        try:
+            gpu = lookup_gpu(what)
+        except ConfigError as e:
+            raise ConfigError(f"--gpus '{text}': {e}") from None
     if cap is not None and cap > gpu.memory_bytes:
         raise ConfigError(f"--gpus '{text}': cap {cap_text} is more than the {gpu.name}'s "
                           f"{gpu.memory_bytes / GiB:.0f} GiB")

@@ -182,6 +182,9 @@ def shape_from_config(cfg: Mapping[str, Any], name: str | None = None, source: s
     mt = cfg.get("model_type")
     if not mt:
         raise ModelError(f"{where}: config has no model_type; is this a Hugging Face transformers config.json?")
+    if mt in MOE_MODEL_TYPES:
+        raise ModelError(f"{where}: model_type '{mt}' is a mixture-of-experts model; the planner models dense "
+                         f"decoders only ({', '.join(SUPPORTED_MODEL_TYPES)})")
     if mt not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"{where}: model_type '{mt}' is not supported by the planner; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -292,14 +295,16 @@ CATALOGUE: dict[str, dict[str, Any]] = {
                        aliases=["meta-llama/Meta-Llama-3-8B", "llama3-8b"]),
     # https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json (same shape, 128k context)
     "Llama-3.1-8B": dict(config=_llama(4096, 14336, 32, 32, 8, 128256, 131072),
-                         aliases=["meta-llama/Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B", "llama3.1-8b"]),
+                         aliases=["meta-llama/Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B", "llama3.1-8b",
+                                  # distilled from DeepSeek-R1 onto Llama-3.1-8B: the base model's config
+                                  "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"]),
     # https://huggingface.co/meta-llama/Meta-Llama-3-70B/blob/main/config.json
     "Llama-3-70B": dict(config=_llama(8192, 28672, 80, 64, 8, 128256, 8192),
                         aliases=["meta-llama/Meta-Llama-3-70B", "llama3-70b"]),
     # https://huggingface.co/meta-llama/Llama-3.1-70B/blob/main/config.json
     "Llama-3.1-70B": dict(config=_llama(8192, 28672, 80, 64, 8, 128256, 131072),
                           aliases=["meta-llama/Llama-3.1-70B", "meta-llama/Meta-Llama-3.1-70B", "llama3.1-70b",
-                                   "llama-3.3-70b"]),
+                                   "llama-3.3-70b", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"]),
     # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (tied embeddings, head_dim 64)
     "Llama-3.2-1B": dict(config=_llama(2048, 8192, 16, 32, 8, 128256, 131072, tied=True, head_dim=64),
                          aliases=["meta-llama/Llama-3.2-1B", "llama3.2-1b"]),
@@ -329,13 +334,13 @@ CATALOGUE: dict[str, dict[str, Any]] = {
                         aliases=["Qwen/Qwen1.5-72B"]),
     # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json
     "Qwen2.5-7B": dict(config=_llama(3584, 18944, 28, 28, 4, 152064, 131072, model_type="qwen2"),
-                       aliases=["Qwen/Qwen2.5-7B"]),
+                       aliases=["Qwen/Qwen2.5-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"]),
     # https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json
     "Qwen2.5-14B": dict(config=_llama(5120, 13824, 48, 40, 8, 152064, 131072, model_type="qwen2"),
-                        aliases=["Qwen/Qwen2.5-14B"]),
+                        aliases=["Qwen/Qwen2.5-14B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"]),
     # https://huggingface.co/Qwen/Qwen2.5-32B/blob/main/config.json
     "Qwen2.5-32B": dict(config=_llama(5120, 27648, 64, 40, 8, 152064, 131072, model_type="qwen2"),
-                        aliases=["Qwen/Qwen2.5-32B"]),
+                        aliases=["Qwen/Qwen2.5-32B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"]),
     # https://huggingface.co/Qwen/Qwen2.5-72B/blob/main/config.json
     "Qwen2.5-72B": dict(config=_llama(8192, 29568, 80, 64, 8, 152064, 131072, model_type="qwen2"),
                         aliases=["Qwen/Qwen2.5-72B"]),
@@ -354,12 +359,16 @@ TINY_LLAMA["head_dim"] = 32
 _USER_CATALOGUE_ENV = "SHARDTUNE_MODEL_CATALOG"
 
 
+# words of a hub name that do not change the shape: fine-tuned variants share their base model's config
+_VARIANT_WORDS = {"hf", "instruct", "chat", "base", "it"}
+
+
 def _norm_name(name: str) -> str:
-    """Case/format-insensitive key: 'meta-llama/Meta-Llama-3-8B-Instruct' and 'llama3-8b' both give 'llama-3-8b'."""
+    """Case/format-insensitive key: 'meta-llama/Meta-Llama-3-8B-Instruct' and 'llama3-8b' both give 'llama-3-8b';
+    'mistralai/Mistral-7B-Instruct-v0.2' gives 'mistral-7b-v-0.2' (variant words anywhere, not only at the end)."""
     s = name.strip().lower().replace("_", "-").replace(" ", "-")
     s = s.rsplit("/", 1)[-1]
-    for _ in range(3):
-        s = re.sub(r"-(hf|instruct|chat|base|it)$", "", s)
+    s = "-".join(w for w in s.split("-") if w not in _VARIANT_WORDS)
     s = re.sub(r"^meta-", "", s)
     s = re.sub(r"([a-z])(\d)", r"\1-\2", s)   # llama3 -> llama-3, qwen2.5 -> qwen-2.5
     s = re.sub(r"-+", "-", s)
@@ -439,9 +448,12 @@ def _from_hub_cache(name: str) -> dict[str, Any] | None:
     """config.json of a hub id already in the local Hugging Face cache (never downloads)."""
     if name.count("/") != 1:
         return None
+    # the cache location is read now, not at huggingface_hub's import, so HF_HUB_CACHE / HF_HOME set later count
+    env = os.environ
+    cache_dir = env.get("HF_HUB_CACHE") or (os.path.join(env["HF_HOME"], "hub") if env.get("HF_HOME") else None)
     try:
         from huggingface_hub import try_to_load_from_cache
-        path = try_to_load_from_cache(name, "config.json")
+        path = try_to_load_from_cache(name, "config.json", cache_dir=cache_dir)
     except Exception:
         return None
     if isinstance(path, str) and os.path.isfile(path):
@@ -466,15 +478,39 @@ def resolve_shape(name_or_path: str) -> ModelShape:
         return shape_from_config(read_config_json(p), name=p.name, source=str(p / "config.json"))
     if p.is_file():
         return load_model_file(p)
+    # a hub id already downloaded: its own config.json is exact (the catalogue shares shapes across variants)
+    cached = _from_hub_cache(name)
+    if cached is not None:
+        return shape_from_config(cached, name=name, source=f"hub cache: {name}/config.json")
+    _refuse_moe_name(name)
     _load_user_catalogue()
     key = _catalogue_index().get(_norm_name(name))
     if key is not None:
         entry = CATALOGUE[key]
         return shape_from_config(entry["config"], name=key, source=entry.get("source", "catalogue"))
-    cached = _from_hub_cache(name)
-    if cached is not None:
-        return shape_from_config(cached, name=name, source=f"hub cache: {name}/config.json")
     raise ModelError(
-        f"model '{name}' is not a local directory, a config file or a catalogue name; known: "
-        f"{', '.join(CATALOGUE)}. Pass a directory with config.json, a YAML/JSON config file, or list such files in "
+        f"model '{name}' is not a local directory, a config file, a downloaded hub id or a catalogue name"
+        f"{_close_models(name)}. Pass a directory with config.json, a YAML/JSON config file, or list such files in "
         f"${_USER_CATALOGUE_ENV}")
+
+
+def _close_models(name: str) -> str:
+    import difflib
+    index = _catalogue_index()
+    near = difflib.get_close_matches(_norm_name(name), list(index), n=6, cutoff=0.6)
+    keys = list(dict.fromkeys(index[n] for n in near))
+    return f" (close: {', '.join(keys)})" if keys else f"; known: {', '.join(CATALOGUE)}"
+
+
+# mixture-of-experts families: every token's expert choice changes what is resident and gathered, which the planner
+# does not model; refuse by name (and by model_type in shape_from_config) instead of planning a dense model
+MOE_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "dbrx", "olmoe", "jamba",
+                   "granitemoe", "phimoe", "llama4")
+_MOE_NAME = re.compile(r"(mixtral|moe|deepseek-(v2|v3|r1)(?!-distill)|-a\d+(\.\d+)?b\b|dbrx|jamba)", re.I)
+
+
+def _refuse_moe_name(name: str) -> None:
+    if _MOE_NAME.search(name.rsplit("/", 1)[-1]):
+        raise ModelError(f"model '{name}' is a mixture-of-experts model; the planner models dense decoders only "
+                         "(experts, routing and expert parallelism are not counted). Plan a dense model of the same "
+                         "total parameter count for an upper bound on weights, or measure with a short run")

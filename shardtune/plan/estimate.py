@@ -73,11 +73,20 @@ class Estimate:
                 "speed": self.speed.to_dict(), "notes": list(self.notes)}
 
 
+def context_warnings(shape: ModelShape, setup: TrainSetup) -> list[str]:
+    """A sequence longer than the model was trained for plans fine but trains on positions it never saw."""
+    if shape.max_position and setup.seq_len > int(shape.max_position):
+        return [f"warning: data.max_seq_len={setup.seq_len} is longer than {shape.name}'s max_position_embeddings "
+                f"({int(shape.max_position)}): positions past it were never trained; use data.max_seq_len <= "
+                f"{int(shape.max_position)} or a long-context variant of the model"]
+    return []
+
+
 def estimate_setup(shape: ModelShape, setup: TrainSetup, hw: Hardware, margin: float = 0.1,
                    constants: PlanConstants = DEFAULT_CONSTANTS) -> Estimate:
     mem = predict_memory(shape, setup, hw, constants)
     spd = predict_speed(shape, setup, hw, constants)
-    notes = list(mem.notes) + list(spd.notes)
+    notes = context_warnings(shape, setup) + list(mem.notes) + list(spd.notes)
     return Estimate(shape=shape, hardware=hw, setup=setup, memory=mem, speed=spd, margin=margin,
                     invalid=setup.invalid_reason(), notes=notes)
 

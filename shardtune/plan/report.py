@@ -97,7 +97,8 @@ def render_search(res, color: bool = False, rejected_limit: int = 12) -> str:
         con.print(f"  runner-up: {res.runner_up.setup.label} -> {res.runner_up.speed.tokens_per_s:,.0f} tokens/s "
                   f"({res.runner_up_why})")
     for n in res.notes:
-        con.print(f"note: {n}")
+        if n not in res.best.notes:   # the chosen setup's own notes were printed with it
+            con.print(f"note: {n}")
     if res.rejected:
         t = Table(title=f"rejected ({len(res.rejected)}; first {min(rejected_limit, len(res.rejected))})",
                   title_justify="left")

@@ -15,7 +15,7 @@ from shardtune.errors import DoesNotFit
 from shardtune.hardware import GiB, Hardware, hardware_for
 from shardtune.model.shapes import ModelShape, resolve_shape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
-from shardtune.plan.estimate import Estimate, estimate_setup
+from shardtune.plan.estimate import Estimate, context_warnings, estimate_setup
 from shardtune.plan.setup import (TrainSetup, apply_setup, fixed_by_deepspeed_json, liger_on_target,
                                   setup_from_config)
 from shardtune.resolve import resolve_loss_path
@@ -245,6 +245,7 @@ def auto_plan(cfg, hw: Hardware | None = None, *, search_method: bool = False,
     liger = liger_on_target(hw)
     margin = cfg.plan.margin
     g, notes = global_batch_for(cfg, hw.world_size)
+    notes = context_warnings(shape, base) + notes
     methods = [base.method] + ([m for m in ("qlora", "lora", "int8", "full") if m != base.method]
                                if search_method else [])
     fits, rejected, n = _search(shape, base, hw, methods, g, margin, constants, fused_pref, liger, max_micro_batch,
