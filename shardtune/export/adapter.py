@@ -14,6 +14,7 @@ from typing import Any, Optional
 
 from shardtune.errors import ConfigError, EnvironmentProblem, ModelError
 from shardtune.jsonfile import read_json_object
+from shardtune.model.bnb_cpu import disable_cpu_weight_packing
 
 log = logging.getLogger(__name__)
 
@@ -270,6 +271,7 @@ def load_for_inference(run_dir: str | Path, device: str = "auto", load_in_4bit: 
 
     tokenizer = load_tokenizer(info)
     model = load_base_model(info, torch_dtype, dev, quantize)
+    disable_cpu_weight_packing(model)  # generate/evaluate run eval + no_grad on CPU (see shardtune.model.bnb_cpu)
     if not info.is_full:
         model = attach_adapter(model, info)
     model.eval()

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from shardtune.errors import EnvironmentProblem, ModelError
+from shardtune.model.bnb_cpu import disable_cpu_weight_packing
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -151,6 +152,7 @@ def load_base_model(cfg, model_dir: Path, device: torch.device, dtype: torch.dty
     if qc is None:
         model.to(device)
     model.config.use_cache = False
+    disable_cpu_weight_packing(model)  # else a CPU eval forward repacks 4-bit weights in place (see bnb_cpu)
     return model
 
 

@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import torch
 from torch import nn
 
+from shardtune.model.bnb_cpu import disable_cpu_weight_packing
 from shardtune.model.materialize import PlaceFn, materialize
 from shardtune.model.random_weights import random_entries
 from shardtune.model.skeleton import add_lora_to_skeleton, build_skeleton
@@ -53,4 +54,5 @@ def build_streamed_model(cfg, model_dir: Path, device: torch.device, dtype: torc
         model = wrapped if wrapped is not None else model
     model.load_report = materialize(model, model_dir, cfg, device, dtype, place=place, chunk_bytes=chunk_bytes,
                                     entries=entries)
+    disable_cpu_weight_packing(model)  # else a CPU eval forward repacks 4-bit weights in place (see bnb_cpu)
     return model
