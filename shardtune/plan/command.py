@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 STRATEGY_ALIASES = {"zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "fsdp2": ("fsdp", 3)}
@@ -76,14 +77,14 @@ def overrides_from_flags(args) -> list[str]:
 
 
 def run(args) -> int:
-    from shardtune.config import split_config_and_overrides
-    from shardtune.config import load_config
-    from shardtune.errors import DoesNotFit
+    """Exit code: 0 fits (tight included), 1 does not fit (manual, --auto, text or --json alike); bad input raises
+    a ShardtuneError (the CLI prints it in one line, exit 2)."""
+    from shardtune.config import load_config, split_config_and_overrides
     from shardtune.hardware import hardware_for, parse_memory
     from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
     from shardtune.plan.estimate import estimate
-    from shardtune.plan.report import render_estimate, render_search, search_json
-    from shardtune.plan.search import auto_plan, smallest_change
+    from shardtune.plan.report import plan_dict, render_estimate
+    from shardtune.plan.search import smallest_change
 
     path, overrides = split_config_and_overrides(list(args.items))
     cfg = load_config(path, overrides + overrides_from_flags(args))
@@ -92,29 +93,36 @@ def run(args) -> int:
     hw = hardware_for(cfg.plan.gpus, nodes=args.nodes, cpu_ram=cpu_ram)
     color = sys.stdout.isatty() and not args.json
     if cfg.plan.mode == "auto":
-        try:
-            res = auto_plan(cfg, hw, search_method=args.search_method, constants=constants)
-        except DoesNotFit as e:
-            if not args.json:
-                raise
-            import json
-            print(json.dumps({"fits": False, "error": str(e), "suggestions": getattr(e, "suggestions", [])},
-                             indent=1))
-            return 1
-        print(search_json(res) if args.json else render_search(res, color), end="" if not args.json else "\n")
-        return 0
+        return _run_auto(cfg, hw, args, constants, color)
     est = estimate(cfg, hw, constants=constants)
+    ways = smallest_change(est.shape, est.setup, hw, est.margin, constants) if not est.fits and not est.invalid else []
     if args.json:
-        import json
-        d = est.to_dict()
-        if not est.fits and not est.invalid:
-            d["suggestions"] = smallest_change(est.shape, est.setup, hw, est.margin, constants)
-        print(json.dumps(d, indent=1))
+        print(json.dumps(plan_dict(est, ways), indent=1))
     else:
         print(render_estimate(est, color), end="")
         if not est.fits and not est.invalid:
-            ways = smallest_change(est.shape, est.setup, hw, est.margin, constants)
             print("try: shardtune plan ... --auto (searches strategy, offload, checkpointing, micro batch)")
             for w in ways:
                 print(f"or:  {w}")
     return 0 if est.fits else 1
+
+
+def _run_auto(cfg, hw, args, constants, color: bool) -> int:
+    """--auto: exit 0 with the fastest setup that fits with the margin, else 1 (text or JSON alike)."""
+    from shardtune.errors import DoesNotFit
+    from shardtune.plan.report import auto_failed_section, auto_section, plan_dict, render_search
+    from shardtune.plan.search import auto_plan
+    try:
+        res = auto_plan(cfg, hw, search_method=args.search_method, constants=constants)
+    except DoesNotFit as e:
+        ways = getattr(e, "suggestions", [])
+        if args.json:
+            print(json.dumps(plan_dict(getattr(e, "leanest", None), ways, auto_failed_section(e)), indent=1))
+        else:
+            print(f"DOES NOT FIT: {e}")
+        return 1
+    if args.json:
+        print(json.dumps(plan_dict(res.best, [], auto_section(res)), indent=1))
+    else:
+        print(render_search(res, color), end="")
+    return 0

@@ -29,14 +29,41 @@ class Estimate:
 
     @property
     def fits(self) -> bool:
+        """The predicted peak is within the device (GPU memory, or the per-process cap) and CPU RAM. The margin does
+        not flip this verdict; it marks the fit `tight` (see `headroom_bytes`)."""
+        m = self.memory
+        return self.invalid is None and m.usage_vs_budget <= m.budget and m.cpu_fits()
+
+    @property
+    def fits_with_margin(self) -> bool:
+        """Fits with plan.margin of the device left free: what `plan: auto` requires of what it picks."""
         return self.invalid is None and self.memory.fits(self.margin)
+
+    @property
+    def tight(self) -> bool:
+        return self.fits and not self.fits_with_margin
+
+    @property
+    def headroom_bytes(self) -> int:
+        """Device memory left at the predicted peak (negative: over)."""
+        return int(self.memory.budget - self.memory.usage_vs_budget)
 
     @property
     def usable_bytes(self) -> int:
         return int((1 - self.margin) * self.memory.budget)
 
     def why_not(self) -> str | None:
-        """One phrase: why this setup is rejected (None when it fits)."""
+        """One phrase: why this setup does not fit the device (None when it does)."""
+        if self.invalid:
+            return self.invalid
+        m = self.memory
+        if m.usage_vs_budget > m.budget:
+            return (f"needs {m.usage_vs_budget / GiB:.1f} GiB per GPU, the GPU has {m.budget / GiB:.1f} GiB: over by "
+                    f"{(m.usage_vs_budget - m.budget) / GiB:.1f} GiB")
+        return self._cpu_why_not()
+
+    def why_not_with_margin(self) -> str | None:
+        """One phrase: why `plan: auto` would not pick this setup (None when it fits with the margin)."""
         if self.invalid:
             return self.invalid
         m = self.memory
@@ -44,6 +71,10 @@ class Estimate:
             return (f"needs {m.usage_vs_budget / GiB:.1f} GiB per GPU, {self.usable_bytes / GiB:.1f} GiB usable "
                     f"({m.budget / GiB:.1f} GiB - {self.margin:.0%} margin): over by "
                     f"{(m.usage_vs_budget - self.usable_bytes) / GiB:.1f} GiB")
+        return self._cpu_why_not()
+
+    def _cpu_why_not(self) -> str | None:
+        m = self.memory
         if not m.cpu_fits():
             have = "assumed" if m.cpu_ram_assumed else "available"
             return (f"needs {m.cpu_total / GiB:.0f} GiB of CPU RAM per node, {m.cpu_budget / GiB:.0f} GiB {have} "
@@ -68,8 +99,10 @@ class Estimate:
 
     def to_dict(self) -> dict:
         return {"model": self.shape.summary(), "hardware": self.hardware.to_dict(), "setup": self.setup.to_dict(),
-                "label": self.setup.label, "fits": self.fits, "margin": self.margin, "invalid": self.invalid,
-                "why_not": self.why_not(), "usable_bytes": self.usable_bytes, "memory": self.memory.to_dict(),
+                "label": self.setup.label, "fits": self.fits, "tight": self.tight,
+                "fits_with_margin": self.fits_with_margin, "headroom_bytes": self.headroom_bytes,
+                "margin": self.margin, "invalid": self.invalid, "why_not": self.why_not(),
+                "usable_bytes": self.usable_bytes, "memory": self.memory.to_dict(),
                 "speed": self.speed.to_dict(), "notes": list(self.notes)}
 
 

@@ -71,8 +71,13 @@ def render_estimate(est: Estimate, color: bool = False) -> str:
     con.print(f"load-time peak: CPU {_gib(m.load_peak_cpu_per_rank)} GiB per rank, GPU {_gib(m.load_peak_gpu)} GiB")
     if est.invalid:
         verdict = f"CANNOT RUN: {est.invalid}"
+    elif est.fits_with_margin:
+        verdict = (f"FITS: {_gib(est.headroom_bytes)} GiB free per GPU at the predicted peak "
+                   f"({_gib(usable - m.usage_vs_budget)} GiB beyond the {est.margin:.0%} margin)")
     elif est.fits:
-        verdict = f"FITS: {_gib(usable - m.usage_vs_budget)} GiB to spare per GPU"
+        verdict = (f"FITS, TIGHT: {_gib(est.headroom_bytes)} GiB free per GPU at the predicted peak, less than the "
+                   f"{est.margin:.0%} margin ({_gib(m.budget - usable)} GiB) kept for the planner's error; a "
+                   "smaller micro batch or checkpointing gives room")
     else:
         verdict = f"DOES NOT FIT: {est.why_not()}"
     con.print(verdict)
@@ -122,11 +127,35 @@ def config_overrides(s) -> list[str]:
             f"train.grad_accum={s.grad_accum}"]
 
 
-def estimate_json(est: Estimate) -> str:
-    return json.dumps(est.to_dict(), indent=1)
+def plan_dict(est: Estimate | None, suggestions: list[str], auto: dict | None = None) -> dict:
+    """The one JSON shape of `shardtune plan --json` (docs/planner.md, "JSON output"): the estimate of the config
+    (manual) or of the chosen one (auto), `suggestions` when it does not fit, the overrides that run it, and with
+    --auto an added `auto` section."""
+    d = est.to_dict() if est is not None else {"fits": False}
+    d["suggestions"] = list(suggestions)
+    d["overrides"] = config_overrides(est.setup) if est is not None else []
+    if auto is not None:
+        d["auto"] = auto
+    return d
+
+
+def auto_section(res) -> dict:
+    """What --auto adds: it found a setup, the runner-up and why it is slower, what it considered and rejected."""
+    return {"found": True, "error": None, "global_batch": res.global_batch, "considered": res.considered,
+            "runner_up": res.runner_up.to_dict() if res.runner_up else None, "runner_up_why": res.runner_up_why,
+            "notes": list(res.notes),
+            "rejected": [{"label": s.label, "setup": s.to_dict(), "reason": r} for s, r in res.rejected]}
+
+
+def auto_failed_section(err) -> dict:
+    """--auto found nothing that fits with the margin: the error; the top level then shows the leanest setup."""
+    return {"found": False, "error": str(err), "global_batch": None, "considered": None, "runner_up": None,
+            "runner_up_why": "", "notes": [], "rejected": []}
+
+
+def estimate_json(est: Estimate, suggestions: list[str] = ()) -> str:
+    return json.dumps(plan_dict(est, list(suggestions)), indent=1)
 
 
 def search_json(res) -> str:
-    d = res.to_dict()
-    d["overrides"] = config_overrides(res.best.setup)
-    return json.dumps(d, indent=1)
+    return json.dumps(plan_dict(res.best, [], auto_section(res)), indent=1)

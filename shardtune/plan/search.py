@@ -132,10 +132,10 @@ def _search(shape: ModelShape, base: TrainSetup, hw: Hardware, methods: list[str
             near.append((math.inf, st, st.invalid_reason()))
             continue
         est = estimate_setup(shape, st, hw, margin, c)
-        if est.fits:
+        if est.fits_with_margin:
             fits.append(est)
         else:
-            near.append((est.memory.usage_vs_budget, st, est.why_not()))
+            near.append((est.memory.usage_vs_budget, st, est.why_not_with_margin()))
     near.sort(key=lambda t: t[0])          # the nearly-fitting first, setups that cannot run at all last
     rejected = [(st, why) for _, st, why in near]
     fits.sort(key=lambda e: (-e.speed.tokens_per_s, e.memory.usage_vs_budget))
@@ -179,7 +179,7 @@ def _leanest(shape: ModelShape, base: TrainSetup, hw: Hardware, method: str, mar
         if st.invalid_reason():
             continue
         est = estimate_setup(shape, st, hw, margin, c)
-        if est.fits and (fitting is None or est.speed.tokens_per_s > fitting.speed.tokens_per_s):
+        if est.fits_with_margin and (fitting is None or est.speed.tokens_per_s > fitting.speed.tokens_per_s):
             fitting = est
         if best_mem is None or est.memory.usage_vs_budget < best_mem.memory.usage_vs_budget:
             best_mem = est
@@ -205,7 +205,7 @@ def _fewest_gpus(shape, base, hw, method, margin, c, max_gpus) -> tuple[Hardware
         if hw.world_size < w <= max_gpus:
             hw2 = _with_gpus(hw, w)
             est = _leanest(shape, base, hw2, method, margin, c)
-            if est is not None and est.fits:
+            if est is not None and est.fits_with_margin:
                 return hw2, est
     return None
 
@@ -216,7 +216,7 @@ def smallest_change(shape: ModelShape, base: TrainSetup, hw: Hardware, margin: f
     GPUs of the same kind (same method, or another method when that needs fewer GPUs)."""
     out: list[str] = []
     alts = METHOD_ALTERNATIVES.get(base.method, [])
-    same_gpus = [e for e in (_leanest(shape, base, hw, m, margin, c) for m in alts) if e is not None and e.fits]
+    same_gpus = [e for e in (_leanest(shape, base, hw, m, margin, c) for m in alts) if e is not None and e.fits_with_margin]
     if same_gpus:
         est = max(same_gpus, key=lambda e: e.speed.tokens_per_s)
         out.append(f"method={est.setup.method} on the same {hw.world_size} GPU(s) ({_describe_fix(est)})")
@@ -252,7 +252,7 @@ def auto_plan(cfg, hw: Hardware | None = None, *, search_method: bool = False,
                                 fixed_by_deepspeed_json(cfg))
     if not fits:
         lean = _leanest(shape, base, hw, base.method, margin, constants)
-        need = (f"even the leanest ({lean.setup.label}) {lean.why_not()}" if lean is not None
+        need = (f"even the leanest ({lean.setup.label}) {lean.why_not_with_margin()}" if lean is not None
                 else "no valid setup")
         ways = smallest_change(shape, base, hw, margin, constants)
         fix = ("smallest change that fits: " + "; or ".join(ways)) if ways else \

@@ -48,10 +48,11 @@ def test_does_not_fit_exits_1_with_suggestions(capsys):
 def test_auto_json_names_best_runner_up_and_overrides(capsys):
     rc, out = run_plan(["--model", "llama-2-70b", "--gpus", "8xV100-32GB", "--seq", "2048", "--auto", "--json"],
                        capsys)
-    d = json.loads(out)
-    assert rc == 0 and d["best"]["fits"] and d["best"]["setup"]["precision"] == "fp16"   # V100: no bf16
-    assert d["runner_up"] and d["rejected"] and all(r["reason"] for r in d["rejected"])
-    assert "parallel.strategy=" + d["best"]["setup"]["strategy"] in d["overrides"]
+    d = json.loads(out)   # one shape with and without --auto: the chosen estimate at the top, `auto` added
+    assert rc == 0 and d["fits"] and d["fits_with_margin"] and d["setup"]["precision"] == "fp16"   # V100: no bf16
+    a = d["auto"]
+    assert a["found"] and a["runner_up"] and a["rejected"] and all(r["reason"] for r in a["rejected"])
+    assert "parallel.strategy=" + d["setup"]["strategy"] in d["overrides"]
 
 
 def test_auto_text_and_config_file_with_overrides(tmp_path, capsys):
@@ -72,3 +73,41 @@ def test_through_the_shardtune_command(capsys):
     assert main(["plan", "--model", "no-such-model-7b", "--gpus", "1xH100"]) == 2
     err = capsys.readouterr().err
     assert "no-such-model-7b" in err and "Llama-3-8B" in err
+
+
+def test_json_has_one_shape_with_and_without_auto(capsys):
+    argv = ["--model", "llama-3-8b", "--gpus", "1xH100", "--seq", "2048", "--micro-batch", "2", "--json"]
+    _, manual = run_plan(argv, capsys)
+    _, auto = run_plan(argv + ["--auto"], capsys)
+    m, a = json.loads(manual), json.loads(auto)
+    assert set(a) - set(m) == {"auto"} and set(m) <= set(a)
+    assert set(m["memory"]) == set(a["memory"]) and set(m["setup"]) == set(a["setup"])
+
+
+@pytest.mark.parametrize("json_flag", [[], ["--json"]])
+def test_does_not_fit_is_exit_1_in_every_mode(capsys, json_flag):
+    base = ["--model", "llama-2-70b", "--gpus", "1x16GB", "--method", "full"]
+    assert run_plan(base + json_flag, capsys)[0] == 1
+    rc, out = run_plan(base + ["--auto"] + json_flag, capsys)
+    assert rc == 1 and "does not fit" in out
+    if json_flag:
+        d = json.loads(out)
+        assert d["auto"]["found"] is False and d["auto"]["error"] and d["suggestions"]
+
+
+def test_the_margin_marks_tight_instead_of_flipping_the_verdict(capsys):
+    """A setup within the device but inside the margin fits (exit 0), marked tight with its headroom; auto does
+    not pick it."""
+    from shardtune.config import load_config
+    from shardtune.hardware import parse_gpus
+    from shardtune.plan import estimate
+    cfg = load_config(None, ["model.name_or_path=llama-3-8b", "data.max_seq_len=2048", "train.micro_batch_size=1",
+                             "train.gradient_checkpointing=true"])
+    reserved = estimate(cfg, parse_gpus("1xH100")).memory.peak_reserved   # what counts against a per-process cap
+    gib = reserved / 2 ** 30 / 0.95       # a cap with the peak at 95% of it: inside the 10% margin
+    est = estimate(cfg, parse_gpus(f"1xH100@{gib:.3f}GB"))
+    assert est.fits and est.tight and not est.fits_with_margin
+    assert 0 < est.headroom_bytes < 0.1 * est.memory.budget
+    rc, out = run_plan(["--model", "llama-3-8b", "--gpus", f"1xH100@{gib:.3f}GB", "--seq", "2048", "--micro-batch",
+                        "1", "--grad-ckpt", "on"], capsys)
+    assert rc == 0 and "FITS, TIGHT" in out and "GiB free per GPU" in out
