@@ -18,6 +18,7 @@ SUBCOMMAND_MODULES = {
     "export": ("shardtune.export.merge", "copy the PEFT adapter or merge it into the base model"),
     "evaluate": ("shardtune.eval.evaluate", "measure a trained adapter (text-to-SQL exact and execution accuracy)"),
     "doctor": ("shardtune.doctor", "check the environment and GPUs against a config, before any weight is read"),
+    "split": ("shardtune.data.split", "split text-to-SQL records by database into train / held-out files"),
 }
 
 
