@@ -1,0 +1,243 @@
+"""Spider text-to-SQL on a real pretrained model (SmolLM2-135M-Instruct from its GGUF): the base model, shardtune's
+LoRA and the Hugging Face peer's LoRA (transformers Trainer + peft), side by side on held-out databases.
+
+Both trainers get the same split (whole databases, shardtune.data.split), the same tokenized samples (prompt in the
+model's chat template, loss on the answer only: shardtune.data's pipeline builds them once and the peer trains on those
+token ids, so the comparison is of the training loops), the same LoRA shape, optimizer (AdamW 0.9/0.999, eps 1e-8, no
+weight decay, clip 1.0), warmup + cosine schedule, steps, batch and seed. All three models are scored by the same
+`shardtune evaluate` code (exact match, execution accuracy) and the same held-out loss function below.
+
+  python bench/spider_peer.py --gguf SmolLM2-135M-Instruct.Q4_1.gguf \
+      --data ../shared/data/text2sql/spider_dev_alpaca.json --tables ../shared/data/text2sql/spider_tables.json \
+      --out runs/spider_bench --steps 150 --seed 0 [--device cuda|cpu] [--db-dir spider/database]
+
+Writes OUT/split, OUT/shardtune (a shardtune run), OUT/peer (a PEFT adapter), OUT/eval_*.json and the summary
+bench/results/spider_<device>_seed<seed>.json (or --results).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+EXAMPLE = REPO / "examples" / "spider_smollm2.yaml"
+
+
+def shardtune_config(args, out: Path):
+    from shardtune.config import load_config
+    split = out / "split"
+    return load_config(str(EXAMPLE), [
+        f"model.name_or_path={args.gguf}", f"data.path={split / 'train.json'}",
+        f"data.val_path={split / 'heldout.json'}", f"output.dir={out / 'shardtune'}", "output.overwrite=true",
+        f"train.max_steps={args.steps}", f"train.seed={args.seed}", f"train.device={args.device}",
+        f"train.micro_batch_size={args.batch}", "train.log_every=1", f"train.eval_every={args.eval_every}",
+        "output.plot=false"])
+
+
+def train_shardtune(args, out: Path) -> dict:
+    from shardtune.train.loop import train
+    cfg = shardtune_config(args, out)
+    t0 = time.perf_counter()
+    train(cfg, out=lambda *a: print(*a, flush=True))
+    wall = time.perf_counter() - t0
+    rows = [json.loads(x) for x in (out / "shardtune" / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    losses = {r["step"]: r["loss"] for r in rows if "loss" in r and "step" in r}
+    times = [r["time"] for r in rows if "loss" in r]
+    steps_s = [b - a for a, b in zip(times, times[1:])]
+    return {"wall_s": wall, "loss_curve": [losses[s] for s in sorted(losses)],
+            "step_s_median": sorted(steps_s)[len(steps_s) // 2] if steps_s else None}
+
+
+def train_peer(args, out: Path) -> dict:
+    """transformers Trainer + peft on the samples shardtune's pipeline tokenized (same ids, same -100 masking)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+    from shardtune.data.pipeline import build_datasets
+    from shardtune.model.load import load_tokenizer, resolve_model_dir
+
+    cfg = shardtune_config(args, out)
+    model_dir = resolve_model_dir(cfg.model)
+    tok = load_tokenizer(model_dir)
+    splits = build_datasets(cfg.data, tok, cfg.train.seed)
+    keep = ("input_ids", "labels")
+    train_ds = [{k: s[k] for k in keep} for s in splits.train]
+    val_ds = [{k: s[k] for k in keep} for s in splits.val]
+    torch.manual_seed(args.seed)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    lc = cfg.lora
+    model = get_peft_model(model, LoraConfig(r=lc.rank, lora_alpha=lc.alpha, lora_dropout=lc.dropout,
+                                             target_modules="all-linear", bias="none", task_type="CAUSAL_LM"))
+    targs = TrainingArguments(
+        output_dir=str(out / "peer_trainer"), max_steps=args.steps, per_device_train_batch_size=args.batch,
+        gradient_accumulation_steps=1, learning_rate=cfg.train.lr, lr_scheduler_type="cosine",
+        warmup_steps=cfg.train.warmup_steps, weight_decay=0.0, max_grad_norm=cfg.train.grad_clip,
+        adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8, logging_steps=1, save_strategy="no",
+        eval_strategy="no", report_to=[], seed=args.seed, data_seed=args.seed, use_cpu=args.device == "cpu",
+        dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True)
+    # HF's own cosine warmup starts at lr 0 on step 0, shardtune's at lr/warmup: hand the peer the same multiplier
+    # (and the same AdamW) so the schedules are identical step for step, not one step apart.
+    from shardtune.train.optim import lr_lambda
+    opt = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.train.lr, betas=(0.9, 0.999),
+                            eps=1e-8, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.train, args.steps))
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, optimizers=(opt, sched),
+                      data_collator=DataCollatorForSeq2Seq(tok, label_pad_token_id=-100, padding=True))
+    t0 = time.perf_counter()
+    trainer.train()
+    wall = time.perf_counter() - t0
+    model.save_pretrained(str(out / "peer"))
+    tok.save_pretrained(str(out / "peer"))
+    curve = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
+    return {"wall_s": wall, "loss_curve": curve, "step_s_mean": wall / max(1, args.steps),
+            "val_samples": len(val_ds)}
+
+
+def heldout_loss(model, samples, device: str, batch: int = 16) -> float:
+    """Token-weighted mean cross-entropy over the answer tokens of every held-out sample (one number for all three)."""
+    import torch
+    total, count = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for i in range(0, len(samples), batch):
+            chunk = samples[i:i + batch]
+            n = max(len(s["input_ids"]) for s in chunk)
+            ids = torch.zeros(len(chunk), n, dtype=torch.long)
+            lab = torch.full((len(chunk), n), -100, dtype=torch.long)
+            att = torch.zeros(len(chunk), n, dtype=torch.long)
+            for j, s in enumerate(chunk):
+                L = len(s["input_ids"])
+                ids[j, :L], lab[j, :L], att[j, :L] = torch.tensor(s["input_ids"]), torch.tensor(s["labels"]), 1
+            logits = model(input_ids=ids.to(device), attention_mask=att.to(device)).logits.float()
+            tgt = lab[:, 1:].to(device)
+            ce = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                   ignore_index=-100, reduction="sum")
+            total += float(ce)
+            count += int((tgt != -100).sum())
+    return total / max(1, count)
+
+
+def evaluate_all(args, out: Path) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from shardtune.data.pipeline import build_datasets
+    from shardtune.eval.evaluate import evaluate
+    from shardtune.export.adapter import load_for_inference, load_run, load_tokenizer
+
+    run = out / "shardtune"
+    info = load_run(run)
+    tok = load_tokenizer(info)
+    cfg = shardtune_config(args, out)
+    val = build_datasets(cfg.data, tok, cfg.train.seed).val
+    heldout = out / "split" / "heldout.json"
+    kw = dict(tables=args.tables, db_dir=args.db_dir, max_new_tokens=128, batch_size=args.eval_batch,
+              device=args.device, limit=args.limit)
+
+    def base_model():
+        return AutoModelForCausalLM.from_pretrained(info.base_model, dtype=torch.float32).to(args.device)
+
+    results = {}
+    for name in ("base", "shardtune", "peer"):
+        if name == "base":
+            model = base_model()
+        elif name == "shardtune":
+            model, _ = load_for_inference(run, device=args.device, dtype=torch.float32)
+        else:
+            model = PeftModel.from_pretrained(base_model(), str(out / "peer"))
+        model.eval()
+        t0 = time.perf_counter()
+        res = evaluate(run, heldout, model=model, tokenizer=tok, out=out / f"eval_{name}.json", **kw)
+        s = res["summary"]
+        results[name] = {"exact_match": s["exact_match"], "execution_accuracy": s["execution_accuracy"],
+                         "execution_scored": s["execution_scored"], "records": s.get("records", len(res["records"])),
+                         "heldout_loss": heldout_loss(model, val, args.device), "eval_s": time.perf_counter() - t0}
+        print(name, json.dumps(results[name]), flush=True)
+        del model
+    results["examples"] = compare_examples(out)
+    return results
+
+
+def compare_examples(out: Path, n: int = 6) -> dict:
+    """Records the tuned models got right that the base got wrong (execution), and the other way round."""
+    rows = {k: json.loads((out / f"eval_{k}.json").read_text())["records"] for k in ("base", "shardtune", "peer")}
+
+    def ok(r):
+        return bool(r.get("exec")) if r.get("exec") is not None else bool(r.get("exact"))
+
+    keys = ("question", "prompt", "gold", "pred")
+    def brief(r, pred_base):
+        d = {k: r[k] for k in keys if k in r}
+        d["base_pred"] = pred_base
+        return d
+
+    improved, regressed, still_wrong = [], [], []
+    for b, s in zip(rows["base"], rows["shardtune"]):
+        if ok(s) and not ok(b):
+            improved.append(brief(s, b.get("pred")))
+        elif ok(b) and not ok(s):
+            regressed.append(brief(s, b.get("pred")))
+        elif not ok(s):
+            still_wrong.append(brief(s, b.get("pred")))
+    return {"improved_count": len(improved), "regressed_count": len(regressed), "still_wrong_count": len(still_wrong),
+            "improved": improved[:n], "regressed": regressed[:n], "still_wrong": still_wrong[:n]}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--gguf", required=True)
+    p.add_argument("--data", required=True, help="Spider dev in DB-GPT-Hub's alpaca form (spider_dev_alpaca.json)")
+    p.add_argument("--tables", required=True, help="Spider tables.json (schemas for the synthesized databases)")
+    p.add_argument("--db-dir", default=None, help="real Spider databases <db_id>/<db_id>.sqlite")
+    p.add_argument("--out", default="runs/spider_bench")
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--eval-batch", type=int, default=16)
+    p.add_argument("--limit", type=int, default=None, help="score only the first N held-out records")
+    p.add_argument("--seed", type=int, default=0, help="training seed (the split's seed is fixed at 0)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--only", default="split,shardtune,peer,eval")
+    p.add_argument("--results", default=None)
+    args = p.parse_args()
+    import torch
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    steps = set(args.only.split(","))
+    res_path = Path(args.results or REPO / "bench" / "results" / f"spider_{args.device}_seed{args.seed}.json")
+    result = json.loads(res_path.read_text()) if res_path.is_file() else {}
+    result.update({"gguf": Path(args.gguf).name, "steps": args.steps, "micro_batch": args.batch, "seed": args.seed,
+                   "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
+                   "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
+    if "split" in steps:
+        from shardtune.data.split import split_by_database
+        result["split"] = split_by_database(args.data, out / "split", 0.2, seed=0)
+        result["split"].pop("records_per_database", None)
+    if "shardtune" in steps:
+        result["shardtune_train"] = train_shardtune(args, out)
+    if "peer" in steps:
+        result["peer_train"] = train_peer(args, out)
+    if "eval" in steps:
+        result["eval"] = evaluate_all(args, out)
+    import transformers
+    result["transformers"] = transformers.__version__
+    res_path.parent.mkdir(parents=True, exist_ok=True)
+    res_path.write_text(json.dumps(result, indent=1, default=lambda o: None if isinstance(o, float) and math.isnan(o)
+                                   else str(o)) + "\n")
+    print(f"wrote {res_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
