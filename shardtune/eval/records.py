@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from shardtune.data.split import record_db_id  # the same rule `shardtune split` groups records by
 from shardtune.errors import DataError
 
 
@@ -41,9 +42,6 @@ def read_records(path: str | Path) -> list[tuple[str, dict]]:
     return list(iter_records(str(path), "--data", BadLines("error", "--data")))
 
 
-_DB_ID_IN_TEXT = re.compile(r"^\s*(\w+) contains tables such as", re.I)  # DB-GPT-Hub's Spider instructions
-
-
 def to_eval_record(i: int, rec: dict, where: str = "") -> EvalRecord:
     """One record of any training format -> EvalRecord; the db_id comes from the record or, for DB-GPT-Hub's Spider
     export, from its instruction ("<db_id> contains tables such as ...")."""
@@ -59,12 +57,7 @@ def to_eval_record(i: int, rec: dict, where: str = "") -> EvalRecord:
         messages, gold = formats.prompt_and_answer(rec)
     except DataError as e:
         raise DataError(f"{where}: {e}") from None
-    db_id = rec.get("db_id")
-    if db_id is None and isinstance(rec.get("instruction"), str):
-        m = _DB_ID_IN_TEXT.match(rec["instruction"])
-        db_id = m.group(1) if m else None
-    return EvalRecord(index=i, messages=messages, gold=gold.strip(), where=where,
-                      db_id=str(db_id) if db_id is not None else None)
+    return EvalRecord(index=i, messages=messages, gold=gold.strip(), where=where, db_id=record_db_id(rec))
 
 
 def looks_like_sql(text: str) -> bool:
