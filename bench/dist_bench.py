@@ -80,7 +80,8 @@ def main() -> None:
           f"train.micro_batch_size={args.mb}", f"train.grad_accum={args.accum}",
           f"train.max_steps={args.steps + args.warmup}", f"train.gradient_checkpointing={bool(args.ckpt)}",
           f"train.kernels={'auto' if args.liger else 'none'}", f"train.precision={args.precision}",
-          "train.eval_every=0", "train.log_every=5", f"output.dir=/tmp/dist-out", "output.tensorboard=false",
+          "train.eval_every=0", "train.log_every=5", "output.dir=/tmp/dist-out", "output.overwrite=true",
+          "output.tensorboard=false",
           "output.plot=false", "lora.rank=16", "lora.alpha=32", "train.warmup_steps=0",
           f"parallel.strategy={strategy}", f"parallel.zero_stage={args.zero_stage}",
           f"parallel.offload_optimizer={args.offload}", f"parallel.offload_param={args.offload}",
@@ -149,11 +150,11 @@ def _start_profiler(tr, args, rank: int):
     prof.start()
     step = tr.engine.step
 
-    def profiled_step():
-        norm = step()
+    def profiled_step(*a, **kw):
+        out = step(*a, **kw)
         torch.cuda.synchronize()
         prof.step()
-        return norm
+        return out
 
     tr.engine.step = profiled_step
     return prof

@@ -123,7 +123,7 @@ def run_shardtune(v: dict, model_dir: str, seq: int, steps: int, warmup: int) ->
                              f"data.max_seq_len={seq}", f"train.method={v['method']}", f"train.micro_batch_size={v['mb']}",
                              f"train.max_steps={steps + warmup}", f"train.gradient_checkpointing={bool(v['ckpt'])}",
                              f"train.kernels={('liger' if _cuda() else 'auto') if v['liger'] else 'none'}", f"train.fused_loss={bool(v['fused'])}",
-                             "train.eval_every=0", "train.log_every=1000", "output.dir=/tmp/st-out",
+                             "train.eval_every=0", "train.log_every=1000", "output.dir=/tmp/st-out", "output.overwrite=true",
                              "output.tensorboard=false", "output.plot=false", "lora.rank=16", "lora.alpha=32",
                              "lora.dropout=0.05", "train.lr=2e-4", "train.warmup_steps=0"])
     tr = Trainer(cfg, out=lambda m: print(m, flush=True), time_steps=True)

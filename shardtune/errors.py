@@ -38,3 +38,8 @@ class Diverged(ShardtuneError):
 class Stopped(ShardtuneError):
     """A preemption signal (SIGTERM, SIGUSR1) stopped the run after a complete checkpoint; resume continues it."""
     exit_code = 75  # EX_TEMPFAIL: try again later (Slurm requeue scripts can test for it)
+
+
+class RankLost(ShardtuneError):
+    """Another rank of a multi-process run died or stopped answering; this rank stopped too."""
+    exit_code = 4

@@ -244,7 +244,20 @@ class FSDPEngine(Engine):
                 torch._foreach_mul_(grads, coef.to(device))
         return norm
 
+    def _reshard(self) -> None:
+        """Put every FSDP unit back to its sharded parameters. With zero_stage 2 (reshard_after_forward=False) a
+        forward without a backward (eval) leaves units holding their gathered parameters, registered on the module
+        in place of the sharded ones the optimizer steps."""
+        for m in self.model.modules():
+            if _is_fsdp_module(m):
+                m.reshard()
+
+    def named_trainable(self) -> list[tuple[str, nn.Parameter]]:
+        self._reshard()
+        return super().named_trainable()
+
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        self._reshard()
         out = {}
         for n, p in self.model.named_parameters():
             if p.requires_grad:

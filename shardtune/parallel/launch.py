@@ -1,5 +1,5 @@
-"""Process-group set-up and self-launch: `shardtune train --nproc N` re-runs itself under torchrun; runs started by
-torchrun, the deepspeed launcher or Slurm's srun are recognised and joined."""
+"""Process-group set-up and self-launch: `shardtune train --nproc N` starts this node's ranks itself
+(parallel/supervise.py); runs started by torchrun, the deepspeed launcher or Slurm's srun are recognised and joined."""
 
 from __future__ import annotations
 
@@ -122,11 +122,12 @@ DEFAULT_RENDEZVOUS = ("127.0.0.1", 29500)  # the CLI's defaults for --master-add
 
 def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
              master_port: int = 29500) -> int:
-    """Run `shardtune train <argv>` as nproc x nnodes processes through torchrun; returns torchrun's exit code.
+    """Run `shardtune train <argv>` as this node's `nproc` ranks of an `nproc x nnodes` run
+    (shardtune.parallel.supervise); returns the run's exit code.
 
-    Multi-node passes --nnodes, --node-rank, --master-addr and --master-port (static rendezvous: start the same
-    command on every node with its own --node-rank). One node with the default address and port uses torchrun's
-    --standalone rendezvous (a free port); an explicit --master-port is passed through."""
+    Multi-node: start the same command on every node with its own --node-rank; rank 0's node hosts the rendezvous at
+    --master-addr:--master-port (a static rendezvous, as torchrun's). One node with the default address and port
+    picks a free port, so two runs on a machine do not collide."""
     if nproc < 1 or nnodes < 1:
         raise ConfigError(f"--nproc {nproc} / --nnodes {nnodes}: both must be >= 1")
     if nnodes > 1 and not 0 <= node_rank < nnodes:
@@ -135,22 +136,23 @@ def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, m
     if gpus and nproc > gpus:
         raise ConfigError(f"--nproc {nproc} but only {gpus} GPU(s) are visible; use --nproc {gpus} "
                           "(one process per GPU)")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc)]
-    if nnodes > 1:
-        cmd += ["--nnodes", str(nnodes), "--node-rank", str(node_rank), "--master-addr", master_addr,
-                "--master-port", str(master_port)]
-    elif (master_addr, master_port) == DEFAULT_RENDEZVOUS:
-        # one node, nothing asked for: a private rendezvous on a free port, so two runs on a machine do not collide
-        cmd += ["--standalone"]
-    else:
-        cmd += ["--master-addr", master_addr, "--master-port", str(master_port)]
-    cmd += ["-m", "shardtune.cli", "train", *strip_launch_args(argv)]
+    cores = os.cpu_count() or 1
+    if not gpus and nproc > cores:
+        raise ConfigError(f"--nproc {nproc} on a CPU machine with {cores} cores (no GPU visible): ranks would share "
+                          f"cores and run many times slower; use --nproc {cores} or fewer")
+    if nnodes == 1 and (master_addr, master_port) == DEFAULT_RENDEZVOUS:
+        master_port = free_port(master_addr)
     env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // nproc)))
-    try:
-        return subprocess.call(cmd, env=env)
-    except KeyboardInterrupt:
-        return 130
+    env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    from shardtune.parallel.supervise import supervise
+    return supervise(strip_launch_args(argv), nproc, nnodes, node_rank, master_addr, master_port, env)
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 def _visible_gpus() -> int:

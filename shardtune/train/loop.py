@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from shardtune.errors import ConfigError, Diverged, Stopped
+from shardtune.errors import ConfigError, Diverged, RankLost, Stopped
 from shardtune.parallel import dist_info_from_env, make_engine, resolve_strategy
 from shardtune.train import checkpoint as ckpt
 from shardtune.train.batches import GlobalBatches, micro_batches, targets_of as _targets, to_device as _to
 from shardtune.train.loss import can_fuse, fused_loss_sum, head_fused_loss_sum, logits_loss_sum
 from shardtune.train.metrics import MetricsLog, peak_memory_gb, plot_losses
 from shardtune.train.optim import build_optimizer, build_scheduler
-from shardtune.train.preempt import StopRequests
+from shardtune.train.preempt import StopRequests, lost_peer
 
 
 @dataclass
@@ -299,8 +299,17 @@ class Trainer:
         if not hasattr(self, "engine"):
             self.setup()
         self.stops.install()
+        self.current_step = self.start_step
         try:
             return self._run()
+        except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors (DistBackendError included)
+            if self.dist.world_size > 1 and lost_peer(e):
+                last = ckpt.latest_checkpoint(self.out)
+                raise RankLost(f"rank {self.dist.rank}: lost contact with another rank during step "
+                               f"{self.current_step + 1} ({str(e).strip().splitlines()[0][:120]}); last complete "
+                               f"checkpoint {last or 'none'}; resume with train.resume=true once every rank is back"
+                               ) from None
+            raise
         finally:
             self.stops.uninstall()
 
@@ -331,6 +340,7 @@ class Trainer:
         step = self.start_step
         try:
             for step in range(self.start_step, self.total_steps):
+                self.current_step = step
                 if self.time_steps:
                     self._sync()
                     ts = time.perf_counter()

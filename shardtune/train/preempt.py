@@ -58,3 +58,12 @@ class StopRequests:
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self._group)
         self.agreed = int(t[0]) or None
         return bool(t[0] > 0), bool(t[1] > 0)
+
+
+# what gloo and NCCL say when a peer process is gone or stops answering
+_PEER_GONE = ("connection closed", "connection reset", "broken pipe", "connection refused", "timed out", "timeout",
+              "nccl", "gloo", "socket", "peer")
+
+
+def lost_peer(e: BaseException) -> bool:
+    return any(s in str(e).lower() for s in _PEER_GONE)

@@ -4,6 +4,7 @@ conflicts), launch helpers, the shardable 4-bit linear layer against bitsandbyte
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import pytest
@@ -166,25 +167,25 @@ def test_slurm_env_feeds_torch_rendezvous():
     assert env2["MASTER_ADDR"] == "head" and env2["MASTER_PORT"] == "1"
 
 
-def test_relaunch_builds_the_torchrun_command(monkeypatch):
-    from shardtune.parallel import launch
+def test_relaunch_hands_the_node_layout_to_the_supervisor(monkeypatch):
+    from shardtune.parallel import launch, supervise
     seen = {}
-    monkeypatch.setattr(launch.subprocess, "call", lambda cmd, env: seen.update(cmd=cmd, env=env) or 7)
+    monkeypatch.setattr(supervise, "supervise", lambda argv, *a, **kw: seen.update(argv=argv, a=a) or 7)
+    monkeypatch.setattr(launch, "_visible_gpus", lambda: 8)
     rc = launch.relaunch(["cfg.yaml", "lora.rank=4", "--nproc", "2"], nproc=2, nnodes=2, node_rank=1,
                          master_addr="10.0.0.1", master_port=1234)
     assert rc == 7
-    cmd = seen["cmd"]
-    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
-    s = " ".join(cmd)
-    assert "--nproc-per-node 2" in s and "--nnodes 2" in s and "--node-rank 1" in s
-    assert "--master-addr 10.0.0.1" in s and "--master-port 1234" in s
-    assert cmd[-5:] == ["-m", "shardtune.cli", "train", "cfg.yaml", "lora.rank=4"]
+    assert seen["argv"] == ["cfg.yaml", "lora.rank=4"]
+    assert seen["a"][:5] == (2, 2, 1, "10.0.0.1", 1234)
     with pytest.raises(ConfigError, match="node-rank"):
         launch.relaunch([], nproc=2, nnodes=2, node_rank=2)
-    launch.relaunch(["x=1"], nproc=2)  # one node, default address: private rendezvous on a free port
-    assert "--standalone" in seen["cmd"] and "--master-port" not in seen["cmd"]
+    launch.relaunch(["x=1"], nproc=2)  # one node, default address: a free port, not the default one
+    assert seen["a"][3] == "127.0.0.1" and seen["a"][4] != 29500
     launch.relaunch(["x=1"], nproc=2, master_port=4321)
-    assert "--standalone" not in seen["cmd"] and "4321" in seen["cmd"]
+    assert seen["a"][4] == 4321
+    monkeypatch.setattr(launch, "_visible_gpus", lambda: 0)
+    with pytest.raises(ConfigError, match="CPU machine"):
+        launch.relaunch(["x=1"], nproc=(os.cpu_count() or 1) + 1)
 
 
 # ------------------------------------------------------------------------------------------------ quant4

@@ -59,6 +59,10 @@ JOBS = {
     "ddp-qlora": ("qlora", {"parallel.strategy": "ddp", **TWO}),
 }
 RESUME = {"fsdp-qlora-resume": "fsdp-qlora", "ds3-qlora-resume": "ds3-qlora"}
+# preemption: one rank is signalled during step 2; both must stop after step 3 with one checkpoint, and the resumed
+# run (same output dir) continues the uninterrupted 2-rank trajectory
+PREEMPT = {"fsdp-qlora-sigterm": ("fsdp-qlora", {"rank": 1, "step": 2, "signum": "SIGTERM"}),
+           "ds3-qlora-sigusr1": ("ds3-qlora", {"rank": 0, "step": 2, "signum": "SIGUSR1"})}
 
 # A DeepSpeed JSON as users bring it from the Hugging Face Trainer docs (ZeRO-3 + CPU offload, "auto" everywhere).
 AUTO_JSON = {
@@ -145,6 +149,10 @@ def two_rank(setup_paths):
     for n, src in RESUME.items():
         jobs.append({"name": n, "copy_from": src, "overrides": {**COMMON, **JOBS[src][1], "train.method": JOBS[src][0],
                                                                  "train.resume": True}})
+    for n, (src, sig) in PREEMPT.items():
+        ov = {**COMMON, **JOBS[src][1], "train.method": JOBS[src][0]}
+        jobs.append({"name": n, "overrides": ov, "signal_at": sig})
+        jobs.append({"name": n + "-resume", "same_dir": n, "overrides": {**ov, "train.resume": True}})
     jobs.append({"name": "ds-auto-json", "overrides": {**COMMON, **TWO_ACCUM, "train.method": "qlora",
                                                        "parallel.strategy": "deepspeed",
                                                        "parallel.deepspeed_config": str(ds_json)}})
@@ -335,3 +343,17 @@ def test_meta_device_model_shards_and_matches_eager(two_rank):
     assert m["was_meta"], "shard_model allocated parameters on a meta model"
     assert m["q4_local"] == pytest.approx(m["q4_full"] / 2, rel=0.10)
     assert m["max_logit_diff"] < 1e-4, m
+
+
+@pytest.mark.parametrize("name", list(PREEMPT))
+def test_a_signal_to_one_rank_stops_both_at_one_step_and_resume_continues(name, two_rank):
+    """Both ranks agree on the stop step (the signalled rank and the other one), write one complete checkpoint, and
+    the resumed run's losses equal the uninterrupted 2-rank run's. Same engine, same rank count, same reduction
+    order: the tolerance is only there for DeepSpeed, whose resumed fp32 master copy is re-partitioned on load."""
+    src, sig = PREEMPT[name]
+    stopped = two_rank[name]
+    assert "error" not in stopped, stopped["error"]
+    assert stopped.get("stopped", "").startswith(f"stopped by {sig['signum']} at step 3; checkpoint "), stopped
+    resumed, full = _job(two_rank, name + "-resume"), _job(two_rank, src)
+    assert "resume: continuing from" in resumed["stdout"] and "step 3" in resumed["stdout"]
+    assert resumed["losses"] == pytest.approx(full["losses"][3:], rel=1e-6, abs=0)

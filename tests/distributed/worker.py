@@ -30,6 +30,7 @@ import torch.distributed as dist  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/ for `support`
 
 from shardtune.config import load_config  # noqa: E402
+from shardtune.errors import Stopped  # noqa: E402
 from shardtune.parallel import dist_info_from_env  # noqa: E402
 from shardtune.parallel.launch import init_distributed  # noqa: E402
 from support import run_overrides  # noqa: E402
@@ -135,6 +136,22 @@ def probe_meta(cfg, model_dir: Path) -> dict:
     return {"was_meta": on_meta, "max_logit_diff": float((want - got).abs().max()), "q4_local": q4, "q4_full": q4_eager}
 
 
+def signal_during_step(trainer, rank: int, step: int, signum: str = "SIGTERM") -> None:
+    """Rank `rank` gets `signum` while its optimizer step `step` (1-based) runs, as from a scheduler; the other rank
+    gets nothing and must stop at the same step."""
+    import signal
+    if dist.get_rank() != rank:
+        return
+    real, calls = trainer.engine.step, []
+
+    def step_and_signal(*a, **kw):
+        calls.append(1)
+        if len(calls) == step:
+            os.kill(os.getpid(), getattr(signal, signum))
+        return real(*a, **kw)
+    trainer.engine.step = step_and_signal
+
+
 def main() -> None:
     spec = json.loads(Path(sys.argv[1]).read_text())
     info = dist_info_from_env()
@@ -148,7 +165,7 @@ def main() -> None:
     results: dict = {}
     for job in spec["jobs"]:
         name = job["name"]
-        out = root / name
+        out = root / job.get("same_dir", name)  # a resume continues a stopped job's own output dir
         res: dict = {"out": str(out)}
         buf = io.StringIO()
         t0 = time.perf_counter()
@@ -156,8 +173,9 @@ def main() -> None:
             if job.get("copy_from") and rank == 0:
                 src = root / job["copy_from"]
                 shutil.copytree(src, out, dirs_exist_ok=True)
-                for stale in ("metrics.jsonl", "adapter"):
-                    p = out / stale
+                for stale in ("metrics.jsonl", "adapter", "shardtune_run.json",
+                              f"checkpoints/step-{int(job['overrides']['train.max_steps']):06d}"):
+                    p = out / stale  # what the source run wrote after the crash this resume stands in for
                     shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
             dist.barrier()
             ov = run_overrides(Path(spec["model"]), Path(spec["data"]), out, **job["overrides"])
@@ -171,12 +189,20 @@ def main() -> None:
                 res["fsdp_layers_per_unit"] = getattr(model, "fsdp_layers_per_unit", None)
                 if "imbalance" in job.get("probes", []):
                     res["imbalance_error"] = probe_imbalance(tr.engine)
-                r = tr.run()
+                if job.get("signal_at"):
+                    signal_during_step(tr, **job["signal_at"])
+                try:
+                    r = tr.run()
+                except Stopped as e:
+                    res["stopped"] = str(e)
+                    raise
             res["losses"] = r.losses
             res["eval_losses"] = [list(e) for e in r.eval_losses]
             res["grad_norms"] = grad_norms(out)
             if "meta" in job.get("probes", []):
                 res["meta"] = probe_meta(cfg, Path(spec["model"]))
+        except Stopped:
+            pass
         except Exception:
             res["error"] = traceback.format_exc()
             print(f"[rank {rank}] job {name} failed:\n{res['error']}", file=sys.stderr, flush=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,16 +117,16 @@ def test_interrupted_run_keeps_the_good_adapter(tiny_model, alpaca_file, tmp_pat
           out=lambda *_: None)
     good = (out / "adapter" / "adapter_model.safetensors").read_bytes()
 
-    # interrupted during training: nothing is written over the adapter
-    tr = _trainer(tiny_model, alpaca_file, out, **{"train.max_steps": 6})
+    # interrupted during training (continuing the run): nothing is written over the adapter
+    tr = _trainer(tiny_model, alpaca_file, out, **{"train.max_steps": 6, "train.resume": True})
     calls = {"n": 0}
     real_step = tr.engine.step
 
-    def step_then_interrupt():
+    def step_then_interrupt(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
             raise KeyboardInterrupt
-        return real_step()
+        return real_step(*a, **kw)
 
     monkeypatch.setattr(tr.engine, "step", step_then_interrupt)
     with pytest.raises(KeyboardInterrupt):
@@ -133,14 +134,15 @@ def test_interrupted_run_keeps_the_good_adapter(tiny_model, alpaca_file, tmp_pat
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == good
 
     # interrupted while writing the new adapter: the old one is still complete
-    tr = _trainer(tiny_model, alpaca_file, out, **{"train.max_steps": 2})
+    tr = _trainer(tiny_model, alpaca_file, out, **{"train.max_steps": 4, "train.resume": True})
     model = tr.engine.unwrapped()
     real_save = model.save_pretrained
 
     def save_half_then_die(path, **kw):
         real_save(path, **kw)
-        (path / "adapter_model.safetensors").write_bytes(b"partial")
-        raise KeyboardInterrupt
+        if Path(path).name.startswith("adapter.tmp"):  # the final adapter (checkpoints write their own copy)
+            (Path(path) / "adapter_model.safetensors").write_bytes(b"partial")
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(model, "save_pretrained", save_half_then_die)
     with pytest.raises(KeyboardInterrupt):
@@ -155,13 +157,16 @@ def test_fp16_loss_scaling_engine_steps():
 
     cfg = load_config(None, ["train.grad_clip=1.0", "train.warmup_steps=0", "train.lr=0.1"])
     lin = torch.nn.Linear(4, 1)
+    from shardtune.train.optim import build_optimizer, build_scheduler
     eng = SingleEngine(cfg, DistInfo(), torch.device("cpu"), torch.float16)
-    eng.setup(lin, total_steps=10)
-    assert eng.scaler is not None
+    eng.wrap(lin)
+    opt = build_optimizer([p for _, p in eng.named_trainable()], cfg.train, eng.optimizer_device)
+    eng.setup(opt, lambda o: build_scheduler(o, cfg.train, 10))
+    assert eng.scaler is not None and eng.loss_scaling
     w0 = lin.weight.detach().clone()
     eng.backward(lin(torch.ones(2, 4)).sum())
-    norm = eng.step()
-    assert torch.isfinite(norm) and not torch.equal(lin.weight, w0)
+    norm, applied = eng.step()
+    assert torch.isfinite(norm) and applied and not torch.equal(lin.weight, w0)
     w1 = lin.weight.detach().clone()
     eng.backward(lin(torch.full((2, 4), float("inf"))).sum())
     eng.step()
