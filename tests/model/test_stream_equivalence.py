@@ -14,8 +14,8 @@ import torch
 
 from shardtune.config import RunConfig
 from shardtune.errors import ModelError
-from shardtune.model.load import build_model
 from shardtune.model.checkpoint import iter_checkpoint, list_checkpoint
+from shardtune.model.load import build_model
 from shardtune.model.random_weights import random_entries
 from shardtune.model.skeleton import build_skeleton
 from shardtune.model.stream import build_streamed_model
