@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from shardtune.errors import ModelError
+from shardtune.model.catalogue import CATALOGUE, TINY_LLAMA
 
 # Which tensor each linear reads: linears that read the same tensor share one saved input in autograd.
 INPUT_GROUP = {"q": "attn_in", "k": "attn_in", "v": "attn_in", "qkv": "attn_in", "o": "attn_out",
@@ -268,93 +269,7 @@ def shape_from_config(cfg: Mapping[str, Any], name: str | None = None, source: s
 
 
 # ------------------------------------------------------------------------------------------------ catalogue
-# Values hand-entered from each model's published config.json on the Hugging Face hub (URL in the comment).
-# Only the keys the planner reads are kept. Instruct/chat variants share their base model's shape.
-
-def _llama(h, inter, layers, heads, kv, vocab, maxpos, tied=False, head_dim=None, model_type="llama"):
-    d = dict(model_type=model_type, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
-             num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab, max_position_embeddings=maxpos,
-             tie_word_embeddings=tied)
-    if head_dim:
-        d["head_dim"] = head_dim
-    return d
-
-
-CATALOGUE: dict[str, dict[str, Any]] = {
-    # https://huggingface.co/meta-llama/Llama-2-7b-hf/blob/main/config.json
-    "Llama-2-7B": dict(config=_llama(4096, 11008, 32, 32, 32, 32000, 4096),
-                       aliases=["meta-llama/Llama-2-7b-hf", "llama-2-7b-chat", "llama2-7b"]),
-    # https://huggingface.co/meta-llama/Llama-2-13b-hf/blob/main/config.json
-    "Llama-2-13B": dict(config=_llama(5120, 13824, 40, 40, 40, 32000, 4096),
-                        aliases=["meta-llama/Llama-2-13b-hf", "llama2-13b"]),
-    # https://huggingface.co/meta-llama/Llama-2-70b-hf/blob/main/config.json
-    "Llama-2-70B": dict(config=_llama(8192, 28672, 80, 64, 8, 32000, 4096),
-                        aliases=["meta-llama/Llama-2-70b-hf", "llama2-70b"]),
-    # https://huggingface.co/meta-llama/Meta-Llama-3-8B/blob/main/config.json
-    "Llama-3-8B": dict(config=_llama(4096, 14336, 32, 32, 8, 128256, 8192),
-                       aliases=["meta-llama/Meta-Llama-3-8B", "llama3-8b"]),
-    # https://huggingface.co/meta-llama/Llama-3.1-8B/blob/main/config.json (same shape, 128k context)
-    "Llama-3.1-8B": dict(config=_llama(4096, 14336, 32, 32, 8, 128256, 131072),
-                         aliases=["meta-llama/Llama-3.1-8B", "meta-llama/Meta-Llama-3.1-8B", "llama3.1-8b",
-                                  # distilled from DeepSeek-R1 onto Llama-3.1-8B: the base model's config
-                                  "deepseek-ai/DeepSeek-R1-Distill-Llama-8B"]),
-    # https://huggingface.co/meta-llama/Meta-Llama-3-70B/blob/main/config.json
-    "Llama-3-70B": dict(config=_llama(8192, 28672, 80, 64, 8, 128256, 8192),
-                        aliases=["meta-llama/Meta-Llama-3-70B", "llama3-70b"]),
-    # https://huggingface.co/meta-llama/Llama-3.1-70B/blob/main/config.json
-    "Llama-3.1-70B": dict(config=_llama(8192, 28672, 80, 64, 8, 128256, 131072),
-                          aliases=["meta-llama/Llama-3.1-70B", "meta-llama/Meta-Llama-3.1-70B", "llama3.1-70b",
-                                   "llama-3.3-70b", "deepseek-ai/DeepSeek-R1-Distill-Llama-70B"]),
-    # https://huggingface.co/meta-llama/Llama-3.2-1B/blob/main/config.json (tied embeddings, head_dim 64)
-    "Llama-3.2-1B": dict(config=_llama(2048, 8192, 16, 32, 8, 128256, 131072, tied=True, head_dim=64),
-                         aliases=["meta-llama/Llama-3.2-1B", "llama3.2-1b"]),
-    # https://huggingface.co/meta-llama/Llama-3.2-3B/blob/main/config.json (tied embeddings)
-    "Llama-3.2-3B": dict(config=_llama(3072, 8192, 28, 24, 8, 128256, 131072, tied=True, head_dim=128),
-                         aliases=["meta-llama/Llama-3.2-3B", "llama3.2-3b"]),
-    # https://huggingface.co/codellama/CodeLlama-7b-hf/blob/main/config.json
-    "CodeLlama-7B": dict(config=_llama(4096, 11008, 32, 32, 32, 32016, 16384),
-                         aliases=["codellama/CodeLlama-7b-hf", "codellama-7b-python"]),
-    # https://huggingface.co/codellama/CodeLlama-13b-hf/blob/main/config.json
-    "CodeLlama-13B": dict(config=_llama(5120, 13824, 40, 40, 40, 32016, 16384),
-                          aliases=["codellama/CodeLlama-13b-hf", "codellama-13b-python"]),
-    # https://huggingface.co/codellama/CodeLlama-34b-hf/blob/main/config.json (GQA 8, vocab 32000)
-    "CodeLlama-34B": dict(config=_llama(8192, 22016, 48, 64, 8, 32000, 16384),
-                          aliases=["codellama/CodeLlama-34b-hf", "codellama-34b-python"]),
-    # https://huggingface.co/Qwen/Qwen1.5-7B/blob/main/config.json (q/k/v biases: model_type qwen2)
-    "Qwen1.5-7B": dict(config=_llama(4096, 11008, 32, 32, 32, 151936, 32768, model_type="qwen2"),
-                       aliases=["Qwen/Qwen1.5-7B"]),
-    # https://huggingface.co/Qwen/Qwen1.5-14B/blob/main/config.json
-    "Qwen1.5-14B": dict(config=_llama(5120, 13696, 40, 40, 40, 152064, 32768, model_type="qwen2"),
-                        aliases=["Qwen/Qwen1.5-14B"]),
-    # https://huggingface.co/Qwen/Qwen1.5-32B/blob/main/config.json (GQA 8)
-    "Qwen1.5-32B": dict(config=_llama(5120, 27392, 64, 40, 8, 152064, 32768, model_type="qwen2"),
-                        aliases=["Qwen/Qwen1.5-32B"]),
-    # https://huggingface.co/Qwen/Qwen1.5-72B/blob/main/config.json
-    "Qwen1.5-72B": dict(config=_llama(8192, 24576, 80, 64, 64, 152064, 32768, model_type="qwen2"),
-                        aliases=["Qwen/Qwen1.5-72B"]),
-    # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json
-    "Qwen2.5-7B": dict(config=_llama(3584, 18944, 28, 28, 4, 152064, 131072, model_type="qwen2"),
-                       aliases=["Qwen/Qwen2.5-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"]),
-    # https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json
-    "Qwen2.5-14B": dict(config=_llama(5120, 13824, 48, 40, 8, 152064, 131072, model_type="qwen2"),
-                        aliases=["Qwen/Qwen2.5-14B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"]),
-    # https://huggingface.co/Qwen/Qwen2.5-32B/blob/main/config.json
-    "Qwen2.5-32B": dict(config=_llama(5120, 27648, 64, 40, 8, 152064, 131072, model_type="qwen2"),
-                        aliases=["Qwen/Qwen2.5-32B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"]),
-    # https://huggingface.co/Qwen/Qwen2.5-72B/blob/main/config.json
-    "Qwen2.5-72B": dict(config=_llama(8192, 29568, 80, 64, 8, 152064, 131072, model_type="qwen2"),
-                        aliases=["Qwen/Qwen2.5-72B"]),
-    # https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json
-    "Mistral-7B": dict(config=_llama(4096, 14336, 32, 32, 8, 32000, 32768, model_type="mistral"),
-                       aliases=["mistralai/Mistral-7B-v0.1", "mistral-7b-v0.1", "mistral-7b-v0.2"]),
-    # https://huggingface.co/mistralai/Mistral-7B-v0.3/blob/main/config.json (vocab 32768)
-    "Mistral-7B-v0.3": dict(config=_llama(4096, 14336, 32, 32, 8, 32768, 32768, model_type="mistral"),
-                            aliases=["mistralai/Mistral-7B-v0.3"]),
-}
-
-# The quickstart's tiny Llama (shardtune.builtin.tiny_model.builtin_model_dir builds it with exactly these values).
-TINY_LLAMA = _llama(128, 352, 4, 4, 2, 768, 2048)
-TINY_LLAMA["head_dim"] = 32
+# The entries live in shardtune/model/catalogue.py (data); names resolve to them here.
 
 _USER_CATALOGUE_ENV = "SHARDTUNE_MODEL_CATALOG"
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from shardtune.model.shapes import ModelShape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.setup import TrainSetup
-from shardtune.plan.weights import fp32_autocast
+from shardtune.plan.weights import fp32_autocast, fp32_residual, kbit_upcast
 
 FUSED_CHUNK_TOKENS = 2048  # shardtune.train.loss.fused_loss_sum chunk without Liger
 
@@ -46,7 +46,8 @@ def activation_breakdown_per_token(shape: ModelShape, setup: TrainSetup,
     # peft's plain Linear (method=lora) casts x to the fp32 LoRA dtype before dropout, and autocast casts it back
     # for lora_A: every LoRA path keeps its own compute-dtype copy. bitsandbytes layers (qlora, int8) skip that cast
     # under CUDA autocast, so lora_A keeps the very tensor the other linears read.
-    own_copy = setup.method == "lora" and setup.autocast
+    # The HF stack's fp32 norm weights make every norm output fp32, so autocast casts it for each LoRA path alike.
+    own_copy = setup.autocast and (setup.method == "lora" or kbit_upcast(setup))
     if setup.lora_dropout > 0:
         # dropout keeps its mask (bool on CUDA); lora_A keeps the dropped-out compute-dtype copy of its input
         mask = e if c.dropout_mask_bytes is None else c.dropout_mask_bytes
@@ -89,7 +90,7 @@ def first_layer_discount_per_token(shape: ModelShape, setup: TrainSetup, c: Plan
 
 def residual_elem(setup: TrainSetup) -> int:
     """Bytes per element of the residual stream: fp32 when fp32 master weights meet autocast (full), else compute."""
-    return 4 if fp32_autocast(setup) else setup.elem
+    return 4 if fp32_residual(setup) else setup.elem
 
 
 def checkpoint_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> int:

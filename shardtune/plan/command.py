@@ -37,6 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kernels", choices=["auto", "liger", "none"],
                    help="Liger kernels on the GPUs (auto: assumed for --gpus, checked for detected GPUs)")
     p.add_argument("--margin", type=float, help="fraction of GPU memory kept free (plan.margin)")
+    p.add_argument("--stack", choices=["shardtune", "hf"], default="shardtune",
+                   help="what runs the training: shardtune, or the HF Trainer + peft + bitsandbytes stack (full "
+                        "logits, no Liger, prepare_model_for_kbit_training's fp32 upcast)")
+    p.add_argument("--lora-dtype", choices=["fp32", "bf16"],
+                   help="--stack hf: LoRA weights in fp32 (peft's default) or bf16 (the QLoRA paper's script)")
+    p.add_argument("--optim", choices=["adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit"],
+                   help="--stack hf: the Trainer's optimizer (paged ones page their states to CPU under pressure)")
     p.add_argument("--auto", action="store_true", help="search strategy/offload/checkpointing/micro batch")
     p.add_argument("--search-method", action="store_true", help="with --auto, also try lora/qlora/int8/full")
     p.add_argument("--constants", help="JSON file of planner constants (e.g. fitted by shardtune.plan.calibrate)")
@@ -92,9 +99,10 @@ def run(args) -> int:
     cpu_ram = parse_memory(args.cpu_ram) if args.cpu_ram else None
     hw = hardware_for(cfg.plan.gpus, nodes=args.nodes, cpu_ram=cpu_ram)
     color = sys.stdout.isatty() and not args.json
+    stack = stack_profile(args)
     if cfg.plan.mode == "auto":
-        return _run_auto(cfg, hw, args, constants, color)
-    est = estimate(cfg, hw, constants=constants)
+        return _run_auto(cfg, hw, args, constants, color, stack)
+    est = estimate(cfg, hw, constants=constants, stack=stack)
     ways = smallest_change(est.shape, est.setup, hw, est.margin, constants) if not est.fits and not est.invalid else []
     if args.json:
         print(json.dumps(plan_dict(est, ways), indent=1))
@@ -107,13 +115,24 @@ def run(args) -> int:
     return 0 if est.fits else 1
 
 
-def _run_auto(cfg, hw, args, constants, color: bool) -> int:
+def stack_profile(args) -> dict | None:
+    """TrainSetup fields of --stack (None: shardtune's own)."""
+    from shardtune.errors import ConfigError
+    if args.stack != "hf":
+        if args.lora_dtype or args.optim:
+            raise ConfigError("--lora-dtype and --optim describe the HF stack; add --stack hf (shardtune trains "
+                              "LoRA in fp32; its optimizer is train.optimizer)")
+        return None
+    return {"stack": "hf", "lora_dtype": args.lora_dtype or "fp32", "optimizer": args.optim}
+
+
+def _run_auto(cfg, hw, args, constants, color: bool, stack: dict | None) -> int:
     """--auto: exit 0 with the fastest setup that fits with the margin, else 1 (text or JSON alike)."""
     from shardtune.errors import DoesNotFit
     from shardtune.plan.report import auto_failed_section, auto_section, plan_dict, render_search
     from shardtune.plan.search import auto_plan
     try:
-        res = auto_plan(cfg, hw, search_method=args.search_method, constants=constants)
+        res = auto_plan(cfg, hw, search_method=args.search_method, constants=constants, stack=stack)
     except DoesNotFit as e:
         ways = getattr(e, "suggestions", [])
         if args.json:

@@ -125,13 +125,16 @@ def estimate_setup(shape: ModelShape, setup: TrainSetup, hw: Hardware, margin: f
 
 
 def estimate(cfg, hw: Hardware | None = None, *, constants: PlanConstants = DEFAULT_CONSTANTS,
-             kernels: str | None = None, fused_loss: str | None = None, shape: ModelShape | None = None) -> Estimate:
+             kernels: str | None = None, fused_loss: str | None = None, shape: ModelShape | None = None,
+             stack: dict | None = None) -> Estimate:
     """Predict memory and speed of `cfg` (a RunConfig) on `hw` (default: plan.gpus, else the detected GPUs).
     `kernels` ('liger'|'none') and `fused_loss` ('liger'|'chunked'|'none') override what the planner infers, for
-    callers that know what actually runs (the trainer)."""
+    callers that know what actually runs (the trainer). `stack`: a stack profile (plan.setup.STACKS), e.g.
+    {"stack": "hf", "lora_dtype": "bf16", "optimizer": "paged_adamw_32bit"} for the QLoRA paper's script."""
     if hw is None:
         hw = hardware_for(cfg.plan.gpus)
     if shape is None:
         shape = resolve_shape(cfg.model.name_or_path)
-    setup = setup_from_config(cfg, hw, model_type=shape.model_type, kernels=kernels, fused_loss=fused_loss)
+    setup = setup_from_config(cfg, hw, model_type=shape.model_type, kernels=kernels, fused_loss=fused_loss,
+                              stack=stack)
     return estimate_setup(shape, setup, hw, cfg.plan.margin, constants)

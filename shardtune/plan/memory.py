@@ -20,7 +20,7 @@ from shardtune.plan.activations import (FUSED_CHUNK_TOKENS, activation_bytes_per
                                         shared_activation_bytes_per_token)
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.setup import TrainSetup, fsdp_layers_per_unit
-from shardtune.plan.weights import (WeightBytes, base_param_elem, fp32_autocast, lora_params,  # noqa: F401
+from shardtune.plan.weights import (WeightBytes, base_param_elem, fp32_autocast, lora_elem, lora_params,  # noqa: F401
                                     optimizer_bytes_per_param, quantized_linear_bytes, trainable_params,
                                     weight_bytes)
 
@@ -111,9 +111,13 @@ def trainable_bytes(shape: ModelShape, setup: TrainSetup, c: PlanConstants) -> T
         if setup.strategy == "deepspeed":     # DeepSpeed casts the module (LoRA included) to the compute dtype
             label, lora = "LoRA weights", setup.elem * P * (1 / N if setup.zero_stage == 3 else 1)
         else:
-            label, lora = "LoRA weights (fp32)", 4 * P * resident_share(setup)
-    return TrainableBytes(params=P, lora_label=label, lora_weights=lora, grads=4 * P / div,
-                          states=optimizer_bytes_per_param(setup.optimizer) * P / div,
+            le = lora_elem(setup)
+            label, lora = f"LoRA weights ({'fp32' if le == 4 else setup.precision})", le * P * resident_share(setup)
+    # gradients and torch AdamW's states follow the trainable parameters' dtype (fp32 but for bf16 LoRA on the HF
+    # stack); DeepSpeed keeps fp32 gradient partitions whatever the module's dtype
+    pe = lora_elem(setup) if setup.method != "full" and setup.strategy != "deepspeed" else 4
+    return TrainableBytes(params=P, lora_label=label, lora_weights=lora, grads=pe * P / div,
+                          states=optimizer_bytes_per_param(setup.optimizer, pe) * P / div,
                           master=4 * P / N if setup.strategy == "deepspeed" else 0.0,
                           bucket=grad_bucket_bytes(shape, setup, P, c))
 
@@ -219,8 +223,8 @@ class AutocastCopies:
 
 def autocast_copies(shape: ModelShape, setup: TrainSetup) -> AutocastCopies:
     e = setup.elem
-    lora = (e * lora_params(shape, setup)
-            if setup.autocast and setup.method != "full" and setup.strategy in ("none", "ddp") else 0)
+    lora = (e * lora_params(shape, setup) if setup.autocast and setup.method != "full" and lora_elem(setup) == 4
+            and setup.strategy in ("none", "ddp") else 0)
     full = e * shape.matmul_params if fp32_autocast(setup) else 0
     return AutocastCopies(lora=lora, full=full, head=e * shape.vocab * shape.hidden if full else 0,
                           layer=e * shape.linear_weight_params_per_layer if full else 0)
@@ -345,28 +349,42 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     """Per-GPU peak allocated / reserved memory and CPU RAM of `setup` on hardware `hw`."""
     w = weight_bytes(shape, setup)
     t = trainable_bytes(shape, setup, c)
-    gpu = static_gpu_bytes(setup, w, t, c)
-    static = sum(gpu.values())
     s = step_bytes(shape, setup, t, gathered_param_bytes(shape, setup, w, c), c)
     copies = autocast_copies(shape, setup)
-    phases, parts = {}, {}
-    for phase in PHASES:
-        phases[phase], parts[phase] = phase_bytes(phase, static, s, copies.held(phase, setup.grad_ckpt))
-    peak_phase = max(phases, key=phases.get)
-    peak_alloc = phases[peak_phase]
-    gpu.update(parts[peak_phase])
-
-    reserved = reserved_bytes(peak_alloc, s, setup, c)
-    gpu["allocator overhead (reserved - allocated)"] = reserved - peak_alloc
-    fixed = fixed_device_bytes(setup, c)
-    gpu["CUDA context + NCCL"] = fixed
-    device_total = reserved + fixed
     capped = getattr(hw, "memory_cap_bytes", None)
+    fixed = fixed_device_bytes(setup, c)
+    paged_out = 0.0
+    while True:
+        gpu = static_gpu_bytes(setup, w, t, c)
+        if paged_out:
+            gpu["optimizer states"] -= paged_out
+        static = sum(gpu.values())
+        phases, parts = {}, {}
+        for phase in PHASES:
+            phases[phase], parts[phase] = phase_bytes(phase, static, s, copies.held(phase, setup.grad_ckpt))
+        peak_phase = max(phases, key=phases.get)
+        peak_alloc = phases[peak_phase]
+        gpu.update(parts[peak_phase])
+        reserved = reserved_bytes(peak_alloc, s, setup, c)
+        device_total = reserved + fixed
+        over = (reserved if capped else device_total) - hw.gpu_memory_bytes
+        if paged_out or over <= 0 or not setup.optimizer.startswith("paged"):
+            break
+        # bitsandbytes' paged optimizers keep their states in unified memory: under pressure the driver pages them
+        # to CPU RAM instead of failing, so the peak is what is left once they are out
+        paged_out = min(gpu["optimizer states"], over / (1 + c.alloc_frag_frac))
+    gpu["allocator overhead (reserved - allocated)"] = reserved - peak_alloc
+    gpu["CUDA context + NCCL"] = fixed
     notes = ["per-process cap: only torch's reserved memory counts against it (context/NCCL lie outside)"] if capped \
         else []
+    if paged_out:
+        notes.append(f"paged optimizer: {paged_out / GiB:.1f} GiB of its states paged to CPU memory at the peak "
+                     "(they move back and forth each step: slower)")
 
     cpu = {"processes (torch, CUDA, libraries)": c.cpu_base_per_rank_bytes * setup.gpus_per_node}
     cpu.update(offloaded_cpu_bytes(setup, w, t))
+    if paged_out:
+        cpu["optimizer states (paged out)"] = paged_out * setup.gpus_per_node
     load_cpu, load_gpu = load_peak_bytes(shape, setup, w, fixed, c)
     cpu_budget, assumed, more_notes = cpu_notes(setup, hw)
     return MemoryEstimate(

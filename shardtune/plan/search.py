@@ -234,14 +234,15 @@ def smallest_change(shape: ModelShape, base: TrainSetup, hw: Hardware, margin: f
 
 
 def auto_plan(cfg, hw: Hardware | None = None, *, search_method: bool = False,
-              constants: PlanConstants = DEFAULT_CONSTANTS, max_micro_batch: int = MAX_MICRO_BATCH) -> SearchResult:
+              constants: PlanConstants = DEFAULT_CONSTANTS, max_micro_batch: int = MAX_MICRO_BATCH,
+              stack: dict | None = None) -> SearchResult:
     """Fastest predicted configuration of `cfg` on `hw` whose per-GPU memory fits within (1 - plan.margin).
     Returns the chosen setup applied to a copy of `cfg`; raises DoesNotFit with the smallest change otherwise."""
     if hw is None:
         hw = hardware_for(cfg.plan.gpus)
     shape = resolve_shape(cfg.model.name_or_path)
-    base = setup_from_config(cfg, hw, model_type=shape.model_type)
-    fused_pref = bool(getattr(cfg.train, "fused_loss", False))
+    base = setup_from_config(cfg, hw, model_type=shape.model_type, stack=stack)
+    fused_pref = bool(getattr(cfg.train, "fused_loss", False)) and base.stack != "hf"
     liger = liger_on_target(hw)
     margin = cfg.plan.margin
     g, notes = global_batch_for(cfg, hw.world_size)

@@ -15,6 +15,12 @@ from shardtune.resolve import (STRATEGIES, liger_installed, resolve_kernels, res
 
 METHODS = ("full", "lora", "qlora", "int8")
 ELEMENT_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+OPTIMIZERS = ("adamw", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit")
+# What the planner can model. shardtune: how shardtune runs (docs/planner.md). hf: the Hugging Face Trainer + peft +
+# bitsandbytes stack people compare against: full-logits loss, no Liger, prepare_model_for_kbit_training's fp32
+# upcast of every non-quantized parameter (4-bit/8-bit bases), LoRA in fp32 or (QLoRA paper script) bf16, paged
+# optimizers whose states bitsandbytes pages to CPU memory when the GPU runs out.
+STACKS = ("shardtune", "hf")
 FSDP_PAIR_MAX_BYTES = 512 * 2 ** 20  # auto puts two decoder layers in one FSDP unit when they gather to this or less
 
 
@@ -53,6 +59,8 @@ class TrainSetup:
     kernels: str = "none"               # liger (fused RMSNorm/RoPE/SwiGLU) | none (transformers' modules)
     fused_loss: str = "none"            # none (full logits) | liger (fused linear CE) | chunked (2048-token chunks)
     fsdp_layers_per_unit: int = 0       # fsdp: decoder layers per FSDP unit (0 = auto, see fsdp_layers_per_unit())
+    stack: str = "shardtune"            # shardtune | hf (HF Trainer + peft + bitsandbytes, see STACKS)
+    lora_dtype: str = "fp32"            # LoRA weights: fp32 (peft's default) | bf16 (the QLoRA paper's script; hf only)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -67,6 +75,13 @@ class TrainSetup:
             raise ConfigError(f"train.kernels={self.kernels!r}; the plan needs liger | none")
         if self.zero_stage not in (2, 3):
             raise ConfigError(f"parallel.zero_stage={self.zero_stage!r}; allowed: 2 | 3")
+        if self.stack not in STACKS:
+            raise ConfigError(f"--stack {self.stack!r}; allowed: {' | '.join(STACKS)}")
+        if self.lora_dtype not in ("fp32", "bf16") or (self.lora_dtype != "fp32" and self.stack != "hf"):
+            raise ConfigError(f"--lora-dtype {self.lora_dtype!r}: shardtune trains LoRA in fp32; bf16 LoRA weights "
+                              "are a --stack hf profile (the QLoRA paper's script)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ConfigError(f"optimizer {self.optimizer!r}; allowed: {' | '.join(OPTIMIZERS)}")
 
     # ---- derived
     @property
@@ -118,8 +133,9 @@ class TrainSetup:
         if self.offload_param:
             off.append("param")
         off_s = f" offload={'+'.join(off)}" if off else ""
+        stack = f" stack=hf(lora {self.lora_dtype}, {self.optimizer})" if self.stack == "hf" else ""
         return (f"{self.method} {s} x{self.world_size}{off_s} ckpt={'on' if self.grad_ckpt else 'off'} "
-                f"micro={self.micro_batch} accum={self.grad_accum} seq={self.seq_len}")
+                f"micro={self.micro_batch} accum={self.grad_accum} seq={self.seq_len}{stack}")
 
     def invalid_reason(self) -> str | None:
         """Why this combination cannot run at all (None if it can)."""
@@ -169,15 +185,20 @@ def liger_on_target(hw) -> bool:
 
 
 def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | None = None,
-                      fused_loss: str | None = None) -> TrainSetup:
+                      fused_loss: str | None = None, stack: dict | None = None) -> TrainSetup:
     """The TrainSetup a RunConfig describes on hardware `hw` (world size = all GPUs of hw). `kernels` and
-    `fused_loss` override the auto resolution (the trainer knows what it actually runs)."""
+    `fused_loss` override the auto resolution (the trainer knows what it actually runs). `stack`: TrainSetup fields
+    of a stack profile ({"stack": "hf", "lora_dtype": ..., "optimizer": ...}); the hf stack has neither Liger nor a
+    fused loss."""
+    if stack and stack.get("stack") == "hf":
+        kernels, fused_loss = "none", "none"
     cfg = with_deepspeed_json(cfg)
     t, p, lora = cfg.train, cfg.parallel, cfg.lora
     liger = liger_on_target(hw)
     targets = lora.target_modules if isinstance(lora.target_modules, str) else tuple(lora.target_modules)
     world = hw.world_size
     strategy = resolve_strategy(cfg, world, planning=True)
+    profile = {k: v for k, v in (stack or {}).items() if v is not None}
     return TrainSetup(
         method=t.method, strategy=strategy, zero_stage=int(p.zero_stage), offload_optimizer=bool(p.offload_optimizer),
         offload_param=bool(p.offload_param), world_size=world, gpus_per_node=hw.gpus_per_node,
@@ -186,10 +207,11 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         precision=resolve_precision(t.precision, on_gpu=True, gpu_bf16=hw.gpu.bf16, gpu_name=hw.gpu.name),
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,
-        double_quant=bool(cfg.quant.double_quant), optimizer=t.optimizer,
+        double_quant=bool(cfg.quant.double_quant), optimizer=profile.pop("optimizer", t.optimizer),
         kernels=kernels or resolve_kernels(getattr(t, "kernels", "none"), liger),
         fused_loss=fused_loss or resolve_loss_path(getattr(t, "fused_loss", False), model_type, liger),
-        fsdp_layers_per_unit=int(getattr(p, "fsdp_layers_per_unit", 0)))
+        fsdp_layers_per_unit=int(getattr(p, "fsdp_layers_per_unit", 0)),
+        **profile)
 
 
 def apply_setup(cfg, setup: TrainSetup):

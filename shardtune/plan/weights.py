@@ -69,8 +69,27 @@ def fp32_autocast(setup: TrainSetup) -> bool:
     return setup.method == "full" and setup.strategy in ("none", "ddp") and setup.autocast
 
 
+def kbit_upcast(setup: TrainSetup) -> bool:
+    """peft's prepare_model_for_kbit_training (HF stack, 4-bit/8-bit bases) casts every non-quantized parameter to
+    fp32: norms, embeddings, the LM head. The QLoRA paper's script then casts embeddings and head back to bf16 along
+    with the LoRA weights (lora_dtype bf16), keeping only the norms in fp32."""
+    return setup.stack == "hf" and setup.method in ("qlora", "int8")
+
+
+def lora_elem(setup: TrainSetup) -> int:
+    """Bytes per LoRA weight (and its gradient): fp32, or the compute dtype for the QLoRA paper's bf16 LoRA."""
+    return setup.elem if setup.lora_dtype != "fp32" else 4
+
+
+def fp32_residual(setup: TrainSetup) -> bool:
+    """The residual stream is fp32: fp32 masters under autocast (full), or fp32 embeddings from the HF stack's
+    upcast (the embedding's output is fp32 and every residual add keeps it so)."""
+    return fp32_autocast(setup) or (kbit_upcast(setup) and setup.lora_dtype == "fp32")
+
+
 def weight_bytes(shape: ModelShape, setup: TrainSetup) -> WeightBytes:
-    e = base_param_elem(setup)
+    e = 4 if (kbit_upcast(setup) and setup.lora_dtype == "fp32") else base_param_elem(setup)
+    norm_e = 4 if kbit_upcast(setup) else e
     quantized = setup.method in ("qlora", "int8")
     data = consts = dense = 0
     for lin in shape.linears:
@@ -82,9 +101,9 @@ def weight_bytes(shape: ModelShape, setup: TrainSetup) -> WeightBytes:
             dense += lin.weight_numel * e
         if lin.bias:
             dense += lin.out_features * e
-    dense += shape.norm_params_per_layer * e
+    dense += shape.norm_params_per_layer * norm_e
     rotary_buffers = 2 * (shape.head_dim // 2) * 4              # inv_freq + original_inv_freq, fp32
-    root = (shape.params_embeddings + shape.final_norm_params) * e + rotary_buffers
+    root = shape.params_embeddings * e + shape.final_norm_params * norm_e + rotary_buffers
     L = shape.layers
     return WeightBytes(quant_data=L * data, quant_consts=L * consts, layer_dense=L * dense, root=root,
                        per_layer=data + consts + dense)
@@ -117,6 +136,11 @@ def trainable_params(shape: ModelShape, setup: TrainSetup) -> int:
     return lora_params(shape, setup) + modules_to_save_params(shape, setup)
 
 
-def optimizer_bytes_per_param(optimizer: str) -> int:
-    """AdamW keeps m and v in fp32 (8 B); bitsandbytes 8-bit AdamW keeps them in 8 bits (2 B)."""
-    return 2 if optimizer in ("adamw_8bit", "paged_adamw_8bit") else 8
+def optimizer_bytes_per_param(optimizer: str, param_elem: int = 4) -> int:
+    """torch AdamW keeps m and v in the parameter's dtype (8 B for fp32 parameters); bitsandbytes 8-bit AdamW keeps
+    them in 8 bits (2 B), its 32-bit (paged) AdamW in fp32 (8 B)."""
+    if optimizer in ("adamw_8bit", "paged_adamw_8bit"):
+        return 2
+    if optimizer == "paged_adamw_32bit":
+        return 8
+    return 2 * param_elem
