@@ -90,6 +90,8 @@ class TrainConfig:
     eval_every: int = _f(20, "eval loss every N steps (0 disables)")
     save_every: int = _f(0, "save a checkpoint every N steps (0: only at the end)")
     resume: bool = _f(False, "resume from the latest checkpoint in output.dir")
+    max_bad_steps: int = _f(3, "stop after this many consecutive steps with a non-finite loss or gradient norm "
+                               "(each one is skipped: no update); fp16 loss-scale skips do not count")
 
 
 @dataclass
@@ -116,8 +118,17 @@ class PlanConfig:
 @dataclass
 class OutputConfig:
     dir: str = _f("runs/quickstart", "where metrics, checkpoints and the adapter go")
-    tensorboard: bool = _f(True, "write TensorBoard event files")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] = _f(
+        ["tensorboard"], "where metrics go besides metrics.jsonl (always written): tensorboard, wandb, mlflow "
+                         "(pip install 'shardtune[wandb]' / '[mlflow]'; offline unless configured), or none")
     plot: bool = _f(True, "write loss.png at the end")
+    overwrite: bool = _f(False, "start over in an output.dir that already holds a run: its adapter, checkpoints, "
+                               "metrics and plots are deleted first (default: such a dir is refused unless "
+                               "train.resume=true)")
+
+    @property
+    def tensorboard(self) -> bool:
+        return "tensorboard" in self.report_to
 
 
 @dataclass
@@ -153,9 +164,13 @@ def _resolve(cls, f):
 
 
 def _suggest(key: str, candidates: list[str]) -> str:
+    from shardtune.aliases import hint
+    tail = key.rsplit(".", 1)[-1]
+    known = hint(tail)
+    if known:  # another trainer's name for a shardtune key: say the shardtune spelling
+        return f"; shardtune's spelling: {known}"
     near = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     if not near:  # compare the last component too: 'lora.rnak' vs 'lora.rank'
-        tail = key.rsplit(".", 1)[-1]
         by_tail = {c.rsplit(".", 1)[-1]: c for c in candidates}
         near = [by_tail[t] for t in difflib.get_close_matches(tail, list(by_tail), n=1, cutoff=0.6)]
     return f" (did you mean '{near[0]}')" if near else ""
@@ -282,30 +297,75 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a YAML config (or none: all defaults), apply dotted overrides, validate."""
+def _set(data: dict, keys: list[str], value: Any, what: str) -> None:
+    node = data
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"{what}: '{k}' is not a section")
+    node[keys[-1]] = value
+
+
+def _translate_alias(key: str, value: Any, what: str, notes: list[str] | None) -> tuple[list[str], Any]:
+    """A section-less key from another trainer (learning_rate, report_to, lora_r...) -> (shardtune key path, value);
+    a name shardtune does not take as is stops with the shardtune spelling."""
+    from shardtune.aliases import hint, translate
+    found = translate(key, value)
+    if found is None:
+        h = hint(key, value)
+        raise ConfigError(f"unknown key '{key}' in {what}" + (f"; shardtune's spelling: {h}" if h else
+                                                             "; keys have a section, e.g. train.lr "
+                                                             "(list them: shardtune config keys)"))
+    target, new_value = found
+    if notes is not None:
+        notes.append(f"{key}={value} read as {target}={new_value}" + ("" if what.startswith("override") else
+                                                                       f" (in {what})"))
+    return target.split("."), new_value
+
+
+def _move_top_level_aliases(data: dict, where: str, notes: list[str] | None) -> dict:
+    sections = {f.name for f in dataclasses.fields(RunConfig)} | {"method"}
+    for key in [k for k in data if k not in sections]:
+        keys, value = _translate_alias(str(key), data.pop(key), where, notes)
+        _set(data, keys, value, where)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (),
+                notes: list[str] | None = None) -> RunConfig:
+    """Read a YAML config (or none: all defaults), apply dotted overrides, validate. Other trainers' names for the
+    same settings (learning_rate, report_to, lora_r, ...) are accepted; each use is described in `notes`."""
     data: dict = {}
     if path is not None:
         p = Path(path)
+        if p.is_dir():
+            raise ConfigError(f"config file '{path}' is a directory; pass a YAML file (see examples/quickstart.yaml)")
         if not p.is_file():
             raise ConfigError(f"config file '{path}' not found; pass a YAML file (see examples/quickstart.yaml)")
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = p.read_text()
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+        except OSError as e:
+            raise ConfigError(f"config file '{path}' cannot be read ({e.strerror}); check its permissions") from None
+        try:
+            data = yaml.safe_load(text)
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             where = f":{mark.line + 1}" if mark else ""
             raise ConfigError(f"config file '{path}{where}' is not valid YAML ({getattr(e, 'problem', e)})") from None
+        if data is None:  # likely the wrong file: running on all defaults instead would hide that
+            raise ConfigError(f"config file '{path}' is empty; add settings (see examples/quickstart.yaml) or leave "
+                              "the file out to use the defaults")
         if not isinstance(data, dict):
             raise ConfigError(f"config file '{path}' must be a mapping of sections (model:, train:, ...)")
+        data = _move_top_level_aliases(data, str(path), notes)
     data = _normalise_shorthands(data)
     for ov in overrides:
         keys, value = parse_override(ov)
-        node = data
-        for k in keys[:-1]:
-            node = node.setdefault(k, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"override '{ov}': '{k}' is not a section")
-        node[keys[-1]] = value
+        if len(keys) == 1 and keys[0] not in ("method", "plan"):
+            keys, value = _translate_alias(keys[0], value, f"override '{ov}'", notes)
+        _set(data, keys, value, f"override '{ov}'")
         data = _normalise_shorthands(data)
     cfg = _build(RunConfig, data, "", _all_keys(RunConfig))
     # the keys the user set (YAML or overrides): a DeepSpeed JSON's values may fill the others (parallel/dsconfig.py)
@@ -332,6 +392,18 @@ def _normalise_shorthands(data: dict) -> dict:
     # `lora.r` is peft's name for the rank; accept it as an alias.
     if isinstance(data.get("lora"), dict) and "r" in data["lora"]:
         data["lora"]["rank"] = data["lora"].pop("r")
+    out = data.get("output")
+    if isinstance(out, dict):
+        rt = out.get("report_to")
+        if isinstance(rt, str):  # HF Trainer's spellings: "none", "all", "wandb", "tensorboard,wandb"
+            rt = rt.strip("[]").split(",")
+        if isinstance(rt, list):
+            rt = [str(x).strip() for x in rt if str(x).strip().lower() not in ("none", "")]
+            out["report_to"] = ["tensorboard", "wandb", "mlflow"] if rt == ["all"] else rt
+        if "tensorboard" in out:  # the earlier boolean switch, still accepted: adds or removes tensorboard
+            on = _coerce("output.tensorboard", out.pop("tensorboard"), bool)
+            rest = [x for x in out.get("report_to", ["tensorboard"]) if x != "tensorboard"]
+            out["report_to"] = (["tensorboard"] if on else []) + rest
     return data
 
 
@@ -339,17 +411,30 @@ def validate(cfg: RunConfig) -> None:
     """Cross-field checks that single-field types cannot express."""
     t, lora, d = cfg.train, cfg.lora, cfg.data
     for key, v in (("train.micro_batch_size", t.micro_batch_size), ("train.grad_accum", t.grad_accum),
-                   ("lora.rank", lora.rank), ("data.max_seq_len", d.max_seq_len)):
+                   ("train.log_every", t.log_every), ("train.max_bad_steps", t.max_bad_steps),
+                   ("lora.rank", lora.rank), ("data.max_seq_len", d.max_seq_len),
+                   ("data.max_samples", d.max_samples if d.max_samples is not None else 1)):
         if v < 1:
             raise ConfigError(f"{key}: invalid value {v}; must be >= 1")
-    if t.lr <= 0:
-        raise ConfigError(f"train.lr: invalid value {t.lr}; must be > 0")
+    for key, v, meaning in (("train.max_steps", t.max_steps, " (0: train.epochs decides)"),
+                            ("train.epochs", t.epochs, ""), ("train.warmup_steps", t.warmup_steps, ""),
+                            ("train.eval_every", t.eval_every, " (0 disables)"),
+                            ("train.save_every", t.save_every, " (0: only at the end)"),
+                            ("train.weight_decay", t.weight_decay, ""), ("train.grad_clip", t.grad_clip, " (0 disables)")):
+        if v < 0:
+            raise ConfigError(f"{key}: invalid value {v}; must be >= 0{meaning}")
+    for key, v in (("train.lr", t.lr), ("lora.alpha", lora.alpha),
+                   ("parallel.balance_tolerance", cfg.parallel.balance_tolerance)):
+        if v <= 0:
+            raise ConfigError(f"{key}: invalid value {v}; must be > 0")
+    if not 0 <= cfg.plan.margin < 1:
+        raise ConfigError(f"plan.margin: invalid value {cfg.plan.margin}; must be in [0, 1)")
     if not 0 <= d.val_fraction < 1:
         raise ConfigError(f"data.val_fraction: invalid value {d.val_fraction}; must be in [0, 1)")
     if not 0 <= lora.dropout < 1:
         raise ConfigError(f"lora.dropout: invalid value {lora.dropout}; must be in [0, 1)")
     if t.max_steps <= 0 and t.epochs <= 0:
-        raise ConfigError("train.max_steps and train.epochs are both <= 0; set one of them")
+        raise ConfigError("train.max_steps and train.epochs are both 0; set one of them (e.g. train.max_steps=60)")
     if cfg.parallel.fsdp_layers_per_unit < 0:
         raise ConfigError(f"parallel.fsdp_layers_per_unit: invalid value {cfg.parallel.fsdp_layers_per_unit}; "
                           "must be 0 (auto) or >= 1")
