@@ -77,7 +77,9 @@ CATALOGUE: dict[str, dict[str, Any]] = {
                         aliases=["Qwen/Qwen1.5-72B"]),
     # https://huggingface.co/Qwen/Qwen2.5-7B/blob/main/config.json
     "Qwen2.5-7B": dict(config=_llama(3584, 18944, 28, 28, 4, 152064, 131072, model_type="qwen2"),
-                       aliases=["Qwen/Qwen2.5-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B"]),
+                       aliases=["Qwen/Qwen2.5-7B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+                                # Qwen2-7B has the same dimensions (config.json of Qwen/Qwen2-7B)
+                                "Qwen/Qwen2-7B"]),
     # https://huggingface.co/Qwen/Qwen2.5-14B/blob/main/config.json
     "Qwen2.5-14B": dict(config=_llama(5120, 13824, 48, 40, 8, 152064, 131072, model_type="qwen2"),
                         aliases=["Qwen/Qwen2.5-14B", "deepseek-ai/DeepSeek-R1-Distill-Qwen-14B"]),
@@ -89,6 +91,24 @@ CATALOGUE: dict[str, dict[str, Any]] = {
                         aliases=["Qwen/Qwen2.5-72B"]),
     # https://huggingface.co/01-ai/Yi-34B/blob/main/config.json (Llama architecture, GQA 8, vocab 64000)
     "Yi-34B": dict(config=_llama(7168, 20480, 60, 56, 8, 64000, 4096), aliases=["01-ai/Yi-34B", "yi-34b-chat"]),
+    # https://huggingface.co/Qwen/Qwen3-8B/blob/main/config.json (q/k norms over head_dim; no biases)
+    "Qwen3-8B": dict(config=_llama(4096, 12288, 36, 32, 8, 151936, 40960, head_dim=128, model_type="qwen3"),
+                     aliases=["Qwen/Qwen3-8B"]),
+    # https://huggingface.co/google/gemma-2-9b/blob/main/config.json (tied, head_dim 256, 4 norms per layer)
+    "Gemma-2-9B": dict(config=_llama(3584, 14336, 42, 16, 8, 256000, 8192, tied=True, head_dim=256,
+                                     model_type="gemma2"), aliases=["google/gemma-2-9b", "gemma-2-9b-it"]),
+    # https://huggingface.co/google/gemma-3-1b-pt/blob/main/config.json
+    "Gemma-3-1B": dict(config=_llama(1152, 6912, 26, 4, 1, 262144, 32768, tied=True, head_dim=256,
+                                     model_type="gemma3_text"), aliases=["google/gemma-3-1b-pt", "gemma-3-1b-it"]),
+    # https://huggingface.co/google/gemma-3-12b-pt/blob/main/config.json (text_config)
+    "Gemma-3-12B": dict(config=_llama(3840, 15360, 48, 16, 8, 262208, 131072, tied=True, head_dim=256,
+                                      model_type="gemma3_text"), aliases=["google/gemma-3-12b-pt", "gemma-3-12b-it"]),
+    # https://huggingface.co/microsoft/Phi-3-mini-4k-instruct/blob/main/config.json (fused qkv and gate_up)
+    "Phi-3-mini-4k": dict(config=_llama(3072, 8192, 32, 32, 32, 32064, 4096, model_type="phi3"),
+                          aliases=["microsoft/Phi-3-mini-4k-instruct", "phi-3-mini"]),
+    # https://huggingface.co/microsoft/phi-4/blob/main/config.json (model_type phi3, GQA 10)
+    "Phi-4": dict(config=_llama(5120, 17920, 40, 40, 10, 100352, 16384, model_type="phi3"),
+                  aliases=["microsoft/phi-4"]),
     # https://huggingface.co/mistralai/Mistral-7B-v0.1/blob/main/config.json
     "Mistral-7B": dict(config=_llama(4096, 14336, 32, 32, 8, 32000, 32768, model_type="mistral"),
                        aliases=["mistralai/Mistral-7B-v0.1", "mistral-7b-v0.1", "mistral-7b-v0.2"]),
