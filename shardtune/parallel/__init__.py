@@ -8,7 +8,7 @@ import torch
 
 from shardtune.errors import ConfigError
 from shardtune.parallel.base import DistInfo, Engine
-from shardtune.resolve import resolve_strategy  # noqa: F401 - re-exported: the trainer resolves through this name
+from shardtune.resolve import resolve_strategy  # also the name the trainer imports from here
 
 
 def dist_info_from_env() -> DistInfo:

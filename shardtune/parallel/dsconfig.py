@@ -16,7 +16,6 @@ Rules for a user JSON (documented in docs/distributed.md):
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 from typing import Any
 
 import torch
