@@ -345,7 +345,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         try:
             text = p.read_text()
         except UnicodeDecodeError as e:
-            raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML") from None
+            raise ConfigError(f"config file '{path}' is not UTF-8 text (byte {e.start}); save it as UTF-8 YAML"
+                              ) from None
         except OSError as e:
             raise ConfigError(f"config file '{path}' cannot be read ({e.strerror}); check its permissions") from None
         try:

@@ -135,7 +135,8 @@ def _tabular(p: Path, path: str) -> Iterator[tuple[str, object]]:
     import datasets
 
     datasets.disable_progress_bars()
-    datasets.logging.set_verbosity_error()
+    # a file it cannot read comes back as the one-line DataError below; datasets' own ERROR line would repeat it
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="shardtune-data-") as cache:
         try:
             if p.suffix == ".csv":

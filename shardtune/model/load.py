@@ -101,7 +101,16 @@ def read_model_config(model_dir: Path, trust_remote_code: bool = False) -> dict:
     mt = cfg.get("model_type")
     if not mt:
         raise ModelError(f"{model_dir}/config.json has no model_type; is this a Hugging Face transformers model?")
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES)
+    # encoders (bert, roberta, ...) and encoder-decoders (bart, t5-likes) have a causal-LM class too, but it is a
+    # decoder head that only works when the checkpoint was trained as a decoder (is_decoder: true)
+    encoder = (mt in MODEL_FOR_MASKED_LM_MAPPING_NAMES or mt in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES
+               or cfg.get("is_encoder_decoder"))
+    if encoder and not cfg.get("is_decoder"):
+        raise ModelError(f"model type '{mt}' in {model_dir} is an encoder or encoder-decoder model, not a causal LM; "
+                         "use a decoder-only model (llama, mistral, qwen2, ...)")
     if mt not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         if "auto_map" in cfg:
             if not trust_remote_code:
@@ -144,16 +153,34 @@ def load_base_model(cfg, model_dir: Path, device: torch.device, dtype: torch.dty
     if qc is not None:
         kw["quantization_config"] = qc
         kw["device_map"] = {"": device.index if device.type == "cuda" else "cpu"}
+    from safetensors import SafetensorError
     try:
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
-    except (OSError, ValueError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"could not load model from {model_dir}: {msg}") from e
+    except (OSError, ValueError, SafetensorError) as e:
+        raise ModelError(weights_problem(model_dir) or f"could not load model from {model_dir}: "
+                         f"{str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     if qc is None:
         model.to(device)
     model.config.use_cache = False
     disable_cpu_weight_packing(model)  # else a CPU eval forward repacks 4-bit weights in place (see bnb_cpu)
     return model
+
+
+def weights_problem(model_dir: Path) -> str | None:
+    """Why the weight files of `model_dir` cannot be read (None if they look fine): none there, or one truncated or
+    damaged (safetensors checks that its header and data cover the file)."""
+    from safetensors import safe_open
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files and not any(model_dir.glob("*.bin")):
+        return (f"model directory {model_dir} has no weight files (*.safetensors); download the complete model, "
+                "or set model.random_init=true to train from random weights")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt"):
+                pass
+        except Exception as e:  # SafetensorError for a truncated header or data; OSError for unreadable files
+            return f"{f} is damaged or truncated ({str(e).splitlines()[0]}); re-download the model"
+    return None
 
 
 def add_lora(model: nn.Module, cfg) -> nn.Module:
@@ -168,7 +195,10 @@ def add_lora(model: nn.Module, cfg) -> nn.Module:
     try:
         model = get_peft_model(model, pcfg, autocast_adapter_dtype=True)
     except ValueError as e:
-        raise ModelError(f"lora.target_modules={lc.target_modules!r}: {str(e).splitlines()[0]}") from None
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ModelError(f"lora.target_modules={lc.target_modules!r}: {str(e).splitlines()[0]} This model's "
+                         f"linear layers: {', '.join(linear)}; pick from those or use lora.target_modules=all-linear"
+                         ) from None
     for n, p in model.named_parameters():
         if p.requires_grad and p.dtype != torch.float32:
             p.data = p.data.float()
