@@ -288,19 +288,8 @@ def detect_gpus() -> list[GpuInfo]:
     return gpus
 
 
-def _precision_problem(want: str, **where) -> Optional[tuple[str, str]]:
-    """(what, fix) when shardtune.resolve.resolve_precision (the trainer's rule) refuses `want` here, else None."""
-    from shardtune.errors import ShardtuneError
-    from shardtune.resolve import resolve_precision
-    try:
-        resolve_precision(want, **where)
-    except ShardtuneError as e:
-        what, _, fix = str(e).partition("; ")
-        return what, fix
-    return None
-
-
 def check_gpus(gpus: list[GpuInfo], needs: Needs) -> list[Check]:
+    from shardtune.resolve import precision_refusal
     if not gpus:
         if needs.device == "cuda":
             return [Check("cuda", FAIL, "train.device=cuda but torch sees no CUDA GPU",
@@ -309,7 +298,7 @@ def check_gpus(gpus: list[GpuInfo], needs: Needs) -> list[Check]:
                                       "slow for real models)",
                         "if this machine has a GPU: install torch's CUDA build (pytorch.org/get-started) and check "
                         "nvidia-smi")]
-        bad = _precision_problem(needs.precision, on_gpu=False)
+        bad = precision_refusal(needs.precision, on_gpu=False)
         if bad:
             checks.append(Check("precision", FAIL, *bad))
         return checks
@@ -327,7 +316,7 @@ def check_gpus(gpus: list[GpuInfo], needs: Needs) -> list[Check]:
     no_bf16 = [g for g in gpus if not g.bf16]
     if no_bf16:
         which = ", ".join(sorted({g.name for g in no_bf16}))
-        bad = _precision_problem(needs.precision, on_gpu=True, gpu_bf16=False, gpu_name=which)
+        bad = precision_refusal(needs.precision, on_gpu=True, gpu_bf16=False, gpu_name=which)
         if bad:
             checks.append(Check("precision", FAIL, *bad))
         else:

@@ -60,6 +60,17 @@ def resolve_precision(want: str, on_gpu: bool, gpu_bf16: bool = True, gpu_name: 
     return want
 
 
+def precision_refusal(want: str, **where) -> tuple[str, str] | None:
+    """(what, fix) when resolve_precision refuses `want` on `where` (its keyword arguments), else None: for doctor,
+    which reports the trainer's rule as a check instead of raising."""
+    try:
+        resolve_precision(want, **where)
+    except (ConfigError, EnvironmentProblem) as e:
+        what, _, fix = str(e).partition("; ")
+        return what, fix
+    return None
+
+
 def liger_installed() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
