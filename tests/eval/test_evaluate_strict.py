@@ -5,6 +5,7 @@ file, and the worst failures are listed."""
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 from pathlib import Path
 
@@ -159,3 +160,26 @@ def test_worst_failures_table(db_dir, sql_file, tmp_path):
     assert all(len(x) <= 140 for x in lines)
     assert len(worst_failures(rows * 3, n=5)) == 5
     assert format_worst([dict(r, status="correct") for r in rows]) == ""  # nothing failed: no table
+
+
+def test_cli_evaluate_picks_cpu_threads_by_the_rule(tiny_run, sql_file, tmp_path, capsys, monkeypatch):
+    import torch
+
+    from shardtune import threads
+    from shardtune.cli import main
+
+    before = torch.get_num_threads()
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("SHARDTUNE_THREADS", raising=False)
+    # 3 usable cores, 1 kept busy by others: the rule gives 2 (fixed here, so the machine's load cannot change it)
+    monkeypatch.setattr(threads, "usable_cores", lambda: 3)
+    monkeypatch.setattr(threads, "busy_cores", lambda: 1)
+    chosen = 2
+    try:
+        torch.set_num_threads(1)  # something else, so the test sees evaluate set it
+        rc = main(["evaluate", "--adapter", str(tiny_run.run_dir), "--data", str(sql_file), "--limit", "1",
+                   "--max-new-tokens", "2", "--device", "cpu", "--out", str(tmp_path / "t.json")])
+        assert rc == 0, capsys.readouterr().err
+        assert torch.get_num_threads() == chosen and os.environ["SHARDTUNE_THREADS"] == str(chosen)
+    finally:
+        torch.set_num_threads(before)
