@@ -130,6 +130,11 @@ def test_reads_still_work(box, tmp_path):
     assert execute_readonly(odd, "SELECT count(*) FROM singer")[0][0] == n
     with pytest.raises(SqlExecutionError, match="not found"):
         execute_readonly(tmp_path / "missing.sqlite", "SELECT 1")
+    junk = tmp_path / "junk.sqlite"
+    junk.write_bytes(b"not a database " * 100)
+    with pytest.raises(SqlExecutionError, match="file is not a database") as e:
+        execute_readonly(junk, "SELECT * FROM singer")
+    assert e.value.kind == "error"
 
 
 def test_wal_database_gets_no_side_files(box):

@@ -109,11 +109,12 @@ def execute_readonly(db_path: str | Path, sql: str, timeout_s: float = 5.0, max_
     if not path.is_file():
         raise SqlExecutionError(f"database '{path}' not found", "error")
     refusals: list[str] = []
-    conn = _open(path, refusals)
-    deadline = time.monotonic() + timeout_s
-    # Cartesian products and endless recursive CTEs in a wrong query would run for minutes; the handler stops them.
-    conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
+    conn = None
     try:
+        conn = _open(path, refusals)
+        deadline = time.monotonic() + timeout_s
+        # Cartesian products and endless recursive CTEs in a wrong query would run for minutes; the handler stops them.
+        conn.set_progress_handler(lambda: 1 if time.monotonic() > deadline else 0, 10_000)
         cur = conn.execute(sql)
         if cur.description is None:  # a statement with nothing to authorize, e.g. REINDEX with no index to rebuild
             raise SqlExecutionError("refused: not a query (it returns no rows)", "refused")
@@ -126,7 +127,8 @@ def execute_readonly(db_path: str | Path, sql: str, timeout_s: float = 5.0, max_
     except (ValueError, OverflowError) as e:
         raise SqlExecutionError(str(e)) from None
     finally:
-        conn.close()
+        if conn is not None:
+            conn.close()
 
 
 def syntax_error(sql: str) -> Optional[str]:
