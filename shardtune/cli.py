@@ -161,6 +161,8 @@ def cmd_train(args) -> int:
         print(f"config: {label}", flush=True)
         for n in notes:
             print(f"note: {n}", flush=True)
+    if args.nproc < 1 or args.nnodes < 1:
+        raise ConfigError(f"--nproc {args.nproc} / --nnodes {args.nnodes}: both must be >= 1")
     if (args.nproc > 1 or args.nnodes > 1) and not under_launcher:
         from shardtune.parallel.launch import relaunch
         from shardtune.threads import child_thread_env

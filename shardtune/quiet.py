@@ -24,7 +24,10 @@ def quiet_libraries(debug: bool = False) -> None:
         warnings.filterwarnings("ignore", category=FutureWarning, module=mod)
     warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
-    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "accelerate"):
+    # bitsandbytes logs a warning per process when its optional CPU kernels package is missing; liger-kernel logs an
+    # ImportError line per optional backend it probes
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "accelerate", "bitsandbytes",
+                 "liger_kernel"):
         logging.getLogger(name).setLevel(logging.ERROR)
     # transformers and datasets read TRANSFORMERS_VERBOSITY / HF_DATASETS_DISABLE_PROGRESS_BARS when imported;
     # transformers' weight-loading bar also follows HF_HUB_DISABLE_PROGRESS_BARS.

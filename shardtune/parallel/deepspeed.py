@@ -119,7 +119,7 @@ class DeepSpeedEngine(Engine):
         return float(self.ds.get_lr()[0])
 
     def unwrapped(self) -> nn.Module:
-        return self.ds.module
+        return self.ds.module if hasattr(self, "ds") else self.model  # before setup: the module about to be wrapped
 
     def save_checkpoint(self, ckpt_dir: Path) -> list[Path]:
         """DeepSpeed's own sharded format (each rank writes its optimizer partition); frozen base weights excluded.

@@ -78,13 +78,23 @@ def _persistence_threshold(hidden_size: int | None, min_quant_numel: int | None)
     return t
 
 
+def _check_stage(stage, src: str) -> None:
+    if stage not in (0, 1, 2, 3) or isinstance(stage, bool):
+        raise ConfigError(f"zero_optimization.stage={stage!r} in {src}; use 2 or 3")
+
+
 def zero_stage(cfg) -> int:
     """The ZeRO stage the built config will have: the JSON's number, else parallel.zero_stage. The engine needs it
     before building (stage 3 first makes the 4-bit layers shardable, which sets the persistence threshold)."""
     cfg = with_deepspeed_json(cfg)
     if cfg.parallel.deepspeed_config:
-        stage = (read_deepspeed_json(cfg.parallel.deepspeed_config).get("zero_optimization") or {}).get("stage")
+        src = cfg.parallel.deepspeed_config
+        z = read_deepspeed_json(src).get("zero_optimization") or {}
+        if not isinstance(z, dict):
+            raise ConfigError(f"zero_optimization in {src} must be an object, e.g. {{\"stage\": 3}}")
+        stage = z.get("stage")
         if isinstance(stage, int) and not isinstance(stage, bool):
+            _check_stage(stage, src)
             return stage
     return int(cfg.parallel.zero_stage)
 
@@ -159,9 +169,10 @@ def _zero(ds: dict, f: _Filler, p, hidden_size: int | None, min_quant_numel: int
     z = ds.setdefault("zero_optimization", {})
     if not isinstance(z, dict):
         raise ConfigError(f"zero_optimization in {f.src} must be an object")
+    if "stage" in z and not _is_auto(z["stage"]):
+        _check_stage(z["stage"], f.src)
     f.agree(z, "stage", p.zero_stage, "zero_optimization.stage", "parallel.zero_stage", add=True)
-    if z["stage"] not in (0, 1, 2, 3):
-        raise ConfigError(f"zero_optimization.stage={z['stage']!r} in {f.src}; use 2 or 3")
+    _check_stage(z["stage"], f.src)
     _offload_sections(z, f, p)
     from_json = bool(p.deepspeed_config)
     h = hidden_size
@@ -215,6 +226,9 @@ def _optimizer(ds: dict, f: _Filler, t, z: dict) -> dict | None:
     shardtune passes torch AdamW, which DeepSpeed must be told to accept when the optimizer is offloaded."""
     opt = ds.get("optimizer")
     if opt is not None:
+        if not isinstance(opt, dict) or not isinstance(opt.get("params", {}), dict):
+            raise ConfigError(f"optimizer in {f.src} must be an object like {{\"type\": \"AdamW\", \"params\": "
+                              "{...}}; fix it, or remove the section to use train.optimizer")
         prm = opt.setdefault("params", {})
         f.agree(prm, "lr", t.lr, "optimizer.params.lr", "train.lr", add=False)
         f.agree(prm, "weight_decay", t.weight_decay, "optimizer.params.weight_decay", "train.weight_decay", add=False)

@@ -231,10 +231,17 @@ def _flat(d: dict, prefix: str = "") -> dict:
 
 def resume_problem(saved: dict, config: dict, state_format: str, strategy: str, world_size: int) -> str | None:
     """Why the checkpoint whose run.json is `saved` cannot continue under this run (None if it can): each config
-    key that differs and is not in RESUMABLE_CHANGES (old -> new), or an engine that cannot read its state."""
+    key that differs and is not in RESUMABLE_CHANGES (old -> new), or an engine that cannot read its state. The
+    batch shape may change with the rank count as long as the global batch (micro x accumulation x ranks) stays."""
     old, new = _flat(saved.get("config", {})), _flat(json.loads(json.dumps(config, default=str)))
+    shape = ("train.micro_batch_size", "train.grad_accum")
     diffs = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
-             if k not in RESUMABLE_CHANGES and old.get(k) != new.get(k)]
+             if k not in RESUMABLE_CHANGES and k not in shape and old.get(k) != new.get(k)]
+    if all(k in old for k in shape):
+        was = old[shape[0]] * old[shape[1]] * int(saved.get("world_size", 1))
+        now = new[shape[0]] * new[shape[1]] * world_size
+        if was != now:
+            diffs.append(f"global batch (micro_batch_size x grad_accum x ranks): {was} -> {now}")
     if diffs:
         return ("the config changed in keys that change what the saved state means: " + "; ".join(diffs) +
                 "; restore them, or start over with output.overwrite=true (or another output.dir)")

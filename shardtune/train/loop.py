@@ -79,11 +79,9 @@ class Trainer:
         if self.dist.world_size > 1:
             from shardtune.parallel.launch import init_distributed
             init_distributed(self.dist, self.device)
-        if self.device.type == "cpu" and self.dist.world_size > 1:
-            # ranks sharing a CPU must not each spin up a thread per core (oversubscription is ~7x slower here)
-            import os
-            local = int(os.environ.get("LOCAL_WORLD_SIZE", self.dist.world_size))
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        # CPU threads per rank: one rule for every command (shardtune/threads.py, measured in docs/cpu.md)
+        from shardtune.threads import configure_threads
+        configure_threads(on_gpu=self.device.type == "cuda")
         self.dtype = resolve_precision(self.cfg.train, self.device)
         self.cfg = self._plan(self.cfg)
         self.strategy = resolve_strategy(self.cfg, self.dist.world_size)

@@ -324,4 +324,4 @@ def test_a_deepspeed_json_under_another_engine_is_refused(engine, tmp_path):
     cfg = _cfg(f"parallel.deepspeed_config={_write(tmp_path, {})}", f"parallel.strategy={engine}")
     eng = cls(cfg, DistInfo(0, 2, 0), torch.device("cpu"), torch.float32)
     with pytest.raises(ConfigError, match=f"parallel.strategy={engine}; set parallel.strategy=deepspeed"):
-        eng.setup(torch.nn.Linear(2, 2), 1)
+        eng.wrap(torch.nn.Linear(2, 2))

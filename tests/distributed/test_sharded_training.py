@@ -229,6 +229,8 @@ def _logits(model_dir, adapter_dir, method, ids):
     if qc is not None:
         kw.update(quantization_config=qc, device_map={"": "cpu"})
     base = AutoModelForCausalLM.from_pretrained(str(model_dir), **kw)
+    from shardtune.model.bnb_cpu import disable_cpu_weight_packing
+    disable_cpu_weight_packing(base)  # bitsandbytes' in-place CPU packing breaks small shapes (model/bnb_cpu.py)
     m = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
     with torch.no_grad():
         return m(input_ids=ids).logits
@@ -276,6 +278,8 @@ def _resume_in_one_process(setup_paths, two_rank, tmp_path, src: str, **override
     shutil.copytree(_job(two_rank, src)["out"], out)
     shutil.rmtree(out / "adapter")
     (out / "metrics.jsonl").unlink()
+    (out / "shardtune_run.json").unlink()
+    shutil.rmtree(out / "checkpoints" / f"step-{STEPS:06d}")  # the run end's checkpoint: resume from step 3
     lines: list[str] = []
     cfg = load_config(None, run_overrides(model, data, out, **{**COMMON, **ONE_PROC, "train.method": JOBS[src][0],
                                                                "train.resume": True, **overrides}))

@@ -33,16 +33,29 @@ def snapshot(root: Path) -> dict:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def test_a_diverging_run_skips_nonfinite_steps_stops_and_writes_no_adapter(tiny_model, alpaca_file, tmp_path, capsys):
+def test_a_diverging_run_skips_nonfinite_steps_stops_and_writes_no_adapter(tiny_model, alpaca_file, tmp_path, capsys,
+                                                                           monkeypatch):
+    """From step 3 on every loss is NaN (what a diverged run produces): those updates are skipped and logged, the
+    second in a row stops the run with exit 3 and one line, and no adapter is written."""
+    from shardtune.train.loop import Trainer
+    real, calls = Trainer.loss_sum, []
+
+    def diverging(self, batch):
+        calls.append(1)
+        loss = real(self, batch)
+        return loss * float("nan") if len(calls) > 2 else loss
+    monkeypatch.setattr(Trainer, "loss_sum", diverging)
     out = tmp_path / "run"
-    rc = main(["train", *_args(tiny_model, alpaca_file, out, **{"train.lr": 1e6, "train.max_steps": 30,
-                                                                 "train.grad_clip": 0, "train.max_bad_steps": 2})])
+    rc = main(["train", *_args(tiny_model, alpaca_file, out, **{"train.max_steps": 30, "train.max_bad_steps": 2,
+                                                                 "train.save_every": 1})])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 3, err
-    assert len(err) == 1 and "training diverged" in err[0] and "lower train.lr" in err[0], err
+    assert len(err) == 1 and "training diverged" in err[0] and "step 4" in err[0] and "lower train.lr" in err[0] \
+        and "step-000002" in err[0], err
     assert not (out / "adapter").exists()
+    assert [p.name for p in ckpt.complete_checkpoints(out)] == ["step-000001", "step-000002"]  # the good ones
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sum(1 for r in rows if r.get("skipped_nonfinite")) == 2
+    assert [r["step"] for r in rows if r.get("skipped_nonfinite")] == [3, 4]
 
 
 def test_skipped_steps_do_not_change_the_weights(tiny_model, alpaca_file, tmp_path):

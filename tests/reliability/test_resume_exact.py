@@ -76,9 +76,10 @@ def _metric_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r and not r.get("skipped_nonfinite")}
 
 
-@pytest.mark.parametrize("kill_after, save_every", [(5, 2), (3, 3)])
+@pytest.mark.parametrize("kill_after, save_every", [(5, 2), (13, 7)])
 def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_model, alpaca_file, tmp_path, kill_after, save_every):
-    common = run_overrides(tiny_model("llama"), alpaca_file, tmp_path / "x", **EXTRA)
+    # long enough that the kill lands mid-run (a step of the tiny model takes milliseconds)
+    common = run_overrides(tiny_model("llama"), alpaca_file, tmp_path / "x", **{**EXTRA, "train.max_steps": 150})
     args = lambda out, *more: [a for a in common if not a.startswith("output.dir=")] + [f"output.dir={out}", *more]
     ref = _cli(args(tmp_path / "full"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     assert ref.wait(timeout=300) == 0
@@ -104,7 +105,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_model, alpaca_file
 
 
 def test_sigterm_to_the_command_exits_75_with_one_line_and_a_checkpoint(tiny_model, alpaca_file, tmp_path):
-    args = run_overrides(tiny_model("llama"), alpaca_file, tmp_path / "run", **dict(EXTRA, **{"train.max_steps": 40}))
+    args = run_overrides(tiny_model("llama"), alpaca_file, tmp_path / "run", **dict(EXTRA, **{"train.max_steps": 400}))
     run = _cli(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     for line in run.stdout:
         if line.startswith("step 2/"):

@@ -20,7 +20,10 @@ def _saved(strategy, world, **changes):
 
 
 def _check(saved, strategy, world):
-    return resume_problem(saved, RunConfig().to_dict(), FORMAT[strategy], strategy, world)
+    """This run: the same config, its micro batch rescaled so the global batch matches the saved run's."""
+    cfg = RunConfig().to_dict()
+    cfg["train"]["micro_batch_size"] = saved["config"]["train"]["micro_batch_size"] * saved["world_size"] // world
+    return resume_problem(saved, cfg, FORMAT[strategy], strategy, world)
 
 
 @pytest.mark.parametrize("saved, strategy, world", [
@@ -48,7 +51,7 @@ def test_incompatible_names_both_sides_and_the_fix(saved, strategy, world, needl
 
 @pytest.mark.parametrize("key, old", [("lora.rank", 8), ("train.lr", 1e-3), ("train.method", "lora"),
                                       ("quant.quant_type", "fp4"), ("model.name_or_path", "other-model"),
-                                      ("data.path", "other.jsonl"), ("train.micro_batch_size", 2)])
+                                      ("data.path", "other.jsonl"), ("train.seed", 7)])
 def test_a_changed_key_that_changes_the_state_is_named_old_to_new(key, old):
     msg = _check(_saved("none", 1, **{key: old}), "none", 1)
     assert msg and key in msg and repr(old) in msg and "->" in msg, msg
@@ -59,3 +62,10 @@ def test_a_changed_key_that_changes_the_state_is_named_old_to_new(key, old):
 def test_keys_documented_as_resumable_may_change(key, old):
     assert key in RESUMABLE_CHANGES
     assert _check(_saved("none", 1, **{key: old}), "none", 1) is None
+
+
+def test_the_global_batch_may_be_split_differently_but_not_changed():
+    saved = _saved("fsdp", 2, **{"train.micro_batch_size": 2})  # 2 x 1 x 2 ranks = 4 = 4 x 1 x 1 rank
+    assert resume_problem(saved, RunConfig().to_dict(), "sharded", "fsdp", 1) is None
+    msg = resume_problem(saved, RunConfig().to_dict(), "sharded", "fsdp", 2)  # 4 x 1 x 2 = 8
+    assert msg and "global batch" in msg and "4 -> 8" in msg, msg
