@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from shardtune.errors import Diverged
+from shardtune.errors import Diverged, EnvironmentProblem
 from shardtune.train import checkpoint as ckpt
 
 
@@ -29,8 +29,19 @@ class Checkpointer:
 
     def save(self, step: int) -> Path:
         """Every rank writes and fsyncs its files; rank 0 then seals the directory (COMPLETE with every file's hash).
-        A checkpoint whose weights hold NaN/inf is never written: the previous one stays the last good state."""
+        A checkpoint whose weights hold NaN/inf is never written: the previous one stays the last good state. A disk
+        that is full or read-only stops the run with one line; the partial directory is removed."""
         d = ckpt.step_dir(self.out, step)
+        try:
+            return self._save(step, d)
+        except OSError as e:
+            shutil.rmtree(d, ignore_errors=True)
+            last = ckpt.latest_checkpoint(self.out)
+            raise EnvironmentProblem(f"cannot write checkpoint {d} ({e.strerror or e}); the last complete checkpoint "
+                                     f"is {last or 'none'}; free space or make output.dir={self.out} writable, then "
+                                     "resume with train.resume=true") from None
+
+    def _save(self, step: int, d: Path) -> Path:
         sd = self.engine.trainable_state_dict()
         self._refuse_non_finite(sd, f"checkpoint at step {step}")
         if self.dist.is_main:
@@ -61,7 +72,15 @@ class Checkpointer:
         self._refuse_non_finite(sd, "final adapter")
         final = self.out / "adapter"
         if self.dist.is_main:
-            ckpt.save_adapter(self.engine.unwrapped(), sd, self.tokenizer, final)
+            try:
+                ckpt.save_adapter(self.engine.unwrapped(), sd, self.tokenizer, final)
+            except OSError as e:
+                for tmp in self.out.glob("adapter.tmp*"):
+                    shutil.rmtree(tmp, ignore_errors=True)
+                last = ckpt.latest_checkpoint(self.out)
+                raise EnvironmentProblem(f"cannot write the adapter to {final} ({e.strerror or e}); the trained state "
+                                         f"is in checkpoint {last or 'none'}; free space or make output.dir writable, "
+                                         "then run again with train.resume=true") from None
             ckpt.write_json_atomic(self.out / "shardtune_run.json", {
                 "config": self.cfg.to_dict(), "base_model_dir": str(model_dir.resolve()),
                 "method": self.cfg.train.method, "precision": str(dtype).replace("torch.", ""),

@@ -201,3 +201,40 @@ def test_output_dir_that_cannot_be_created_is_one_line(tiny_model, alpaca_file, 
     assert len(err) == 1 and "output.dir" in err[0], err
 
 
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_keeps_the_previous_one(tiny_model, alpaca_file, tmp_path,
+                                                                                capsys, monkeypatch):
+    import errno
+
+    from shardtune.parallel import state
+    real, calls = state.save_training_state, []
+
+    def fill_the_disk(engine, d):
+        calls.append(1)
+        if len(calls) == 2:  # the second checkpoint (step 4)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(engine, d)
+    monkeypatch.setattr(state, "save_training_state", fill_the_disk)
+    out = tmp_path / "run"
+    rc = main(["train", *_args(tiny_model, alpaca_file, out, **{"train.save_every": 2})])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1, err
+    assert "No space left on device" in err[0] and "step-000002" in err[0] and "train.resume=true" in err[0], err
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-000002"]
+    assert ckpt.checkpoint_problem(out / "checkpoints" / "step-000002") is None
+    assert not (out / "adapter").exists()
+
+
+def test_a_second_signal_aborts_at_once(monkeypatch, capsys):
+    import signal
+
+    from shardtune.train.preempt import StopRequests
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
+    stops = StopRequests()
+    stops._handle(signal.SIGTERM, None)
+    assert stops.signum == signal.SIGTERM and not exits  # the first asks for a checkpoint
+    stops._handle(signal.SIGUSR1, None)
+    assert exits == [128 + signal.SIGUSR1]  # the second does not wait for one
+    assert "aborting now" in capsys.readouterr().err
