@@ -10,8 +10,8 @@ import pytest
 from shardtune import doctor as d
 from shardtune.config import load_config
 
-GOOD = {"torch": "2.13.0", "transformers": "5.23.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
-        "deepspeed": "0.19.8", "datasets": "5.2.0", "accelerate": "1.15.0", "safetensors": "0.8.0"}
+GOOD = {"torch": "2.13.0", "transformers": "5.24.0", "peft": "0.21.2", "bitsandbytes": "0.50.2",
+        "deepspeed": "0.19.8", "datasets": "5.2.0", "accelerate": "1.16.0", "safetensors": "0.8.0"}
 V100 = d.GpuInfo(0, "Tesla V100-SXM2-32GB", (7, 0), 32 * d.GiB, 31 * d.GiB)
 A100 = d.GpuInfo(0, "NVIDIA A100-SXM4-80GB", (8, 0), 80 * d.GiB, 79 * d.GiB)
 
@@ -45,8 +45,8 @@ def test_version_ranges_depend_on_what_the_config_needs():
     no_ds = {**GOOD, "deepspeed": None}
     assert _by_name(d.check_versions(no_ds, _needs("parallel.strategy=deepspeed")))["deepspeed"].status == d.FAIL
     assert _by_name(d.check_versions(no_ds, _needs("parallel.strategy=fsdp")))["deepspeed"].status == d.OK
-    newer = {**GOOD, "transformers": "6.1.0"}
-    assert _by_name(d.check_versions(newer, _needs()))["transformers"].status == d.WARN
+    newer = _by_name(d.check_versions({**GOOD, "transformers": "6.1.0"}, _needs()))["transformers"]
+    assert newer.status == d.OK and "not known to break" in newer.detail  # untested is not a warning
 
 
 def test_known_bad_combinations():
@@ -61,16 +61,27 @@ def test_known_bad_combinations():
 
 
 def test_tested_combinations_are_recognised():
-    assert d.check_tested_combo(GOOD).status == d.OK
+    assert d.check_tested_combo(GOOD).detail == "matches the CPU CI stack"
     gpu = {**GOOD, "torch": "2.11.0", "transformers": "5.17.1", "peft": "0.21.0", "accelerate": "1.15.0"}
     assert "GPU benchmark" in d.check_tested_combo(gpu).detail
     other = d.check_tested_combo({**GOOD, "transformers": "5.0.0"})
-    assert other.status == d.WARN and "5.23" in other.detail
+    assert other.status == d.OK and "transformers 5.0 (CI: 5.24)" in other.detail
+
+
+def test_tested_versions_are_what_this_install_resolved():
+    """assets/tested_versions.json is `pip freeze` of the CI venv: the installed packages here (installed like CI)
+    match it, so doctor right after the README's install says the stack is the tested one."""
+    from importlib.metadata import version
+    tested = d.ci_tested_versions()
+    assert {"torch", "transformers", "peft", "bitsandbytes", "deepspeed"} <= set(tested)
+    assert d.check_tested_combo(d.installed_versions()).detail == "matches the CPU CI stack", \
+        {k: version(k) for k in tested}
+    assert not [c for c in d.run_doctor(None) if c.status == d.WARN and c.name != "cuda"]
 
 
 def test_declared_requirements_are_checked():
     reqs = ["transformers>=99", "torch<3,>=2.4", "pytest; extra == 'test'", "numpy"]
-    assert d.unmet_requirements(reqs, GOOD) == ["transformers>=99 (installed 5.23.0)"]
+    assert d.unmet_requirements(reqs, GOOD) == ["transformers>=99 (installed 5.24.0)"]
     assert d.check_declared_requirements({k: v for k, v in GOOD.items()}) == []
 
 
