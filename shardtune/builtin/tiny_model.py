@@ -27,13 +27,19 @@ ARCH_CONFIGS = {
 }
 
 
-def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template: str | None = CHATML_TEMPLATE):
-    """Train a byte-level BPE tokenizer on `corpus` and wrap it as a transformers fast tokenizer."""
+def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template: str | None = CHATML_TEMPLATE,
+                    space_tokens: bool = False):
+    """Train a byte-level BPE tokenizer on `corpus` and wrap it as a transformers fast tokenizer. space_tokens=True
+    makes every space its own token, so a word has one token id wherever it stands (`from France?` and `= 'France'`
+    share it): the quickstart's model can then learn to copy values from the question into the SQL."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if space_tokens:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="isolated"),
+                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -46,14 +52,15 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template:
 
 
 def build_tiny_model_dir(out_dir: str | Path, corpus: Iterable[str], arch: str = "llama", vocab_size: int = 512,
-                         seed: int = 0, max_position_embeddings: int = 2048, **overrides) -> Path:
+                         seed: int = 0, max_position_embeddings: int = 2048, space_tokens: bool = False,
+                         **overrides) -> Path:
     """Write a tiny randomly initialised `arch` model plus a tokenizer trained on `corpus` to `out_dir`."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(corpus, vocab_size=vocab_size)
+    tok = build_tokenizer(corpus, vocab_size=vocab_size, space_tokens=space_tokens)
     shape = dict(ARCH_CONFIGS[arch])
     shape.update(overrides)
     model_type = shape.pop("model_type")
@@ -67,15 +74,19 @@ def build_tiny_model_dir(out_dir: str | Path, corpus: Iterable[str], arch: str =
     return out
 
 
+# The quickstart's model: sizes are multiples of 64 because bitsandbytes' CPU inference layout needs them.
+BUILTIN_SHAPE = dict(arch="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=768, space_tokens=True)
+
+
 def builtin_model_dir(corpus_texts: list[str]) -> Path:
-    """The quickstart's tiny Llama, built once into the cache and reused (keyed by the corpus it was trained on)."""
-    key = hashlib.sha256(json.dumps(corpus_texts[:2000]).encode()).hexdigest()[:12]
+    """The quickstart's tiny Llama, built once into the cache and reused (keyed by its corpus and shape)."""
+    key = hashlib.sha256(json.dumps([corpus_texts, BUILTIN_SHAPE]).encode()).hexdigest()[:12]
     root = Path(os.environ.get("SHARDTUNE_CACHE", Path.home() / ".cache" / "shardtune"))
     out = root / f"tiny-llama-{key}"
     if not (out / "config.json").exists() or not (out / "model.safetensors").exists():
         tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        build_tiny_model_dir(tmp, corpus_texts, arch="llama", hidden_size=128, intermediate_size=352,
-                             num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, vocab_size=768)
+        build_tiny_model_dir(tmp, corpus_texts, **BUILTIN_SHAPE)
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
             os.replace(tmp, out)

@@ -23,14 +23,20 @@ SCHEMA = "\n".join(f"CREATE TABLE {t} ({', '.join(cols)})" for t, cols in TABLES
 TASK = "-- Answer with one SQLite query."
 INSTRUCTION = f"{SCHEMA}\n{TASK}"
 
+# Many values per slot on purpose: with few, a tiny model memorises (question, value) pairs; with many it has to
+# learn to copy the value from the question, which is what lets it answer held-out pairs.
 COUNTRIES = ["France", "Germany", "Spain", "Italy", "Japan", "Brazil", "Canada", "Egypt", "Chile", "Norway",
-             "India", "Kenya"]
-CITIES = ["Paris", "Berlin", "Madrid", "Rome", "Tokyo", "Lima", "Oslo", "Cairo", "Lyon", "Porto"]
-STADIUMS = ["Star Arena", "Blue Dome", "Lake Park", "Red Field", "Sun Hall", "West Bowl", "Oak Court", "Pine Ring"]
-YEARS = [2012, 2013, 2014, 2015, 2016, 2017, 2018, 2019, 2020, 2021]
-AGES = [20, 25, 30, 35, 40, 45, 50, 55, 60]
-CAPACITIES = [5000, 10000, 20000, 40000, 80000]
-SINGERS = ["Anna Berg", "Tom Lee", "Mia Rossi", "Ken Sato", "Lea Roy", "Omar Ali", "Ivy Chen", "Max Vogel"]
+             "India", "Kenya", "Peru", "Mexico", "Sweden", "Poland", "Greece", "Turkey", "Ghana", "Nepal", "Cuba",
+             "Iran", "Chad", "Fiji"]
+CITIES = ["Paris", "Berlin", "Madrid", "Rome", "Tokyo", "Lima", "Oslo", "Cairo", "Lyon", "Porto", "Milan", "Delhi",
+          "Quito", "Dakar", "Seoul", "Kyiv", "Sofia", "Riga"]
+STADIUMS = ["Star Arena", "Blue Dome", "Lake Park", "Red Field", "Sun Hall", "West Bowl", "Oak Court", "Pine Ring",
+            "Gold Dome", "Iron Park", "Rose Hall", "Moon Bowl"]
+YEARS = list(range(2008, 2024))
+AGES = [20, 25, 30, 35, 40, 45, 50, 55, 60, 65, 70]
+CAPACITIES = [5000, 8000, 10000, 15000, 20000, 30000, 40000, 60000, 80000]
+SINGERS = ["Anna Berg", "Tom Lee", "Mia Rossi", "Ken Sato", "Lea Roy", "Omar Ali", "Ivy Chen", "Max Vogel",
+           "Eva Lund", "Raj Patel", "Noa Levi", "Luis Mora"]
 
 # (question variants, SQL, slot -> values). Each variant is a paraphrase with the same SQL, so the model must map
 # wording to structure and copy the value, which is learnable and measurable with few steps.
@@ -109,22 +115,46 @@ def _fills(slots: dict[str, list]) -> list[dict]:
     return fills
 
 
-def toy_sql_records(seed: int = 0) -> list[dict]:
-    """Every (template, value, paraphrase) combination once, in a seeded but fixed order (no dependence on hash
-    randomisation or the caller's RNG state)."""
-    records = []
+BUILTIN_HELDOUT = "builtin:toy-sql-heldout"
+HELDOUT_EVERY = 6  # every 6th value of a template with several values is held out, with all its paraphrases
+
+
+def _all_records() -> list[tuple[bool, dict]]:
+    """(held out?, record) for every (template, value, paraphrase). A held-out (template, value) pair is held out with
+    all its paraphrases, so its SQL never appears in training: the model must put a value it saw elsewhere into a
+    structure it learned from other values. Templates with fewer than three values stay whole in training."""
+    out = []
     for variants, sql, slots in _TEMPLATES:
-        for fill in _fills(slots):
+        fills = _fills(slots)
+        for k, fill in enumerate(fills):
+            held = len(fills) >= 3 and k % HELDOUT_EVERY == HELDOUT_EVERY // 2
             for question in variants:
-                records.append({
-                    "db_id": DB_ID,
-                    "instruction": INSTRUCTION,
-                    "input": question.format(**fill),
-                    "output": sql.format(**fill),
-                    "history": [],
-                })
+                out.append((held, {"db_id": DB_ID, "instruction": INSTRUCTION, "input": question.format(**fill),
+                                   "output": sql.format(**fill), "history": []}))
+            if not held:
+                # the same question once without the schema, so `shardtune generate "<question>"` works as typed
+                out.append((False, {"db_id": DB_ID, "instruction": variants[0].format(**fill), "input": "",
+                                    "output": sql.format(**fill), "history": []}))
+    return out
+
+
+def toy_sql_records(seed: int = 0, heldout: bool = False) -> list[dict]:
+    """The training records (heldout=False: builtin:toy-sql) or the held-out ones (builtin:toy-sql-heldout), in a
+    seeded but fixed order (no dependence on hash randomisation or the caller's RNG state)."""
+    records = [r for held, r in _all_records() if held == heldout]
     random.Random(seed).shuffle(records)
     return records
+
+
+def builtin_records(name: str, what: str = "data.path") -> list[dict]:
+    """Records of a built-in data set by name; an unknown name is a one-line error listing the known ones."""
+    if name == BUILTIN_DATA:
+        return toy_sql_records()
+    if name == BUILTIN_HELDOUT:
+        return toy_sql_records(heldout=True)
+    from shardtune.errors import DataError
+    raise DataError(f"{what} '{name}' is not a built-in data set; the built-in ones are {BUILTIN_DATA} (training) "
+                    f"and {BUILTIN_HELDOUT} (held out from it, for evaluate)")
 
 
 def _chatml(records: list[dict]) -> list[str]:
@@ -132,14 +162,15 @@ def _chatml(records: list[dict]) -> list[str]:
     # merges for the exact strings it will see, markers included.
     out = []
     for r in records:
-        user = f"{r['instruction']}\n\n{r['input']}"
+        user = f"{r['instruction']}\n\n{r['input']}" if r["input"] else r["instruction"]
         out.append(f"<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n{r['output']}<|im_end|>\n</s>")
     return out
 
 
 def builtin_corpus() -> list[str]:
-    """Texts the built-in tiny tokenizer is trained on: the toy records rendered through ChatML, plus the plain
-    prompt/response pieces and a few generic lines so other layouts (alpaca, plain) do not fall back to bytes."""
+    """Texts the built-in tiny tokenizer is trained on: the training records (never the held-out ones) rendered
+    through ChatML, plus the plain prompt/response pieces and a few generic lines so other layouts (alpaca, plain)
+    do not fall back to bytes."""
     records = toy_sql_records()
     texts = _chatml(records)
     texts += [f"{r['input']}\n{r['output']}" for r in records]

@@ -23,7 +23,7 @@ from typing import Iterator
 import torch
 from jinja2.exceptions import TemplateError
 
-from shardtune.builtin.toy_sql import BUILTIN_DATA, toy_sql_records
+from shardtune.builtin.toy_sql import BUILTIN_DATA, builtin_records
 from shardtune.data import formats
 from shardtune.data.formats import BadRecord, Example
 from shardtune.errors import DataError
@@ -161,9 +161,7 @@ def _tabular(p: Path, path: str) -> Iterator[tuple[str, object]]:
 def iter_records(path: str, key: str, bad: BadLines) -> Iterator[tuple[str, object]]:
     """(location, raw record) for every record of a file or built-in set; malformed lines go to `bad`."""
     if path.startswith("builtin:"):
-        if path != BUILTIN_DATA:
-            raise DataError(f"{key} '{path}' is not a built-in data set; the built-in one is {BUILTIN_DATA}")
-        for n, r in enumerate(toy_sql_records(), 1):
+        for n, r in enumerate(builtin_records(path, key), 1):
             yield f"{path}#{n}", r
         return
     p = Path(path).expanduser()

@@ -320,7 +320,8 @@ class Trainer:
                      "(raise train.max_steps to continue it)")
             res.adapter_dir = self.out / "adapter"
             return res
-        self.log = log = MetricsLog(self.out, dist.is_main, cfg.output.tensorboard)
+        self.log = log = MetricsLog(self.out, dist.is_main, cfg.output.report_to, start_step=self.start_step,
+                                    run_config=cfg.to_dict())
         if self.start_step == 0 and t.eval_every > 0 and self.val_set:
             ev = self.evaluate()
             res.eval_losses.append((0, ev))
