@@ -125,7 +125,7 @@ def heldout_loss(model, samples, device: str, batch: int = 16) -> float:
     return total / max(1, count)
 
 
-def evaluate_all(args, out: Path) -> dict:
+def evaluate_all(args, out: Path, save=lambda: None, results: dict | None = None) -> dict:
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
@@ -146,7 +146,7 @@ def evaluate_all(args, out: Path) -> dict:
     def base_model():
         return AutoModelForCausalLM.from_pretrained(info.base_model, dtype=torch.float32).to(args.device)
 
-    results = {}
+    results = {} if results is None else results
     for name in ("base", "shardtune", "peer"):
         if name == "base":
             model = base_model()
@@ -162,6 +162,7 @@ def evaluate_all(args, out: Path) -> dict:
                          "execution_scored": s["execution_scored"], "records": s.get("records", len(res["records"])),
                          "heldout_loss": heldout_loss(model, val, args.device), "eval_s": time.perf_counter() - t0}
         print(name, json.dumps(results[name]), flush=True)
+        save()  # a run cut short by a time limit keeps what it measured
         del model
     results["examples"] = compare_examples(out)
     return results
@@ -192,7 +193,77 @@ def compare_examples(out: Path, n: int = 6) -> dict:
             "improved": improved[:n], "regressed": regressed[:n], "still_wrong": still_wrong[:n]}
 
 
+def plot_curves(result_files: list[str], png: str) -> None:
+    """Training loss per step of shardtune and the peer, one line each per results file (seed), on one axis."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for f in result_files:
+        r = json.loads(Path(f).read_text())
+        for key, style in (("shardtune_train", "-"), ("peer_train", "--")):
+            curve = (r.get(key) or {}).get("loss_curve") or []
+            label = f"{key.split('_')[0]} seed {r.get('seed')}"
+            line, = ax.plot(range(1, len(curve) + 1), curve, style, linewidth=0.6, alpha=0.35)
+            # single steps differ by which 8 samples each trainer drew; the 10-step mean is what should agree
+            avg = [sum(curve[max(0, i - 9):i + 1]) / len(curve[max(0, i - 9):i + 1]) for i in range(len(curve))]
+            ax.plot(range(1, len(avg) + 1), avg, style, color=line.get_color(), linewidth=1.6,
+                    label=f"{label} (10-step mean)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("training loss (answer tokens)")
+    ax.set_title("SmolLM2-135M LoRA on Spider (16 training databases)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+
+
+def precision_check(gguf_path: str, heldout_json: str, n: int = 8) -> dict:
+    """The cached bf16 copy against the fp32 dequantization of the same GGUF (both computed in fp32) on `n` held-out
+    prompts: what storing the dequantized base in bf16 costs, next to the file's own block quantization."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from shardtune.model.gguf import dequantized_model_dir
+    path = Path(gguf_path)
+    cached = dequantized_model_dir(path)
+    kw = {}
+    try:
+        from transformers import GgufConfig
+        kw["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:
+        pass
+    exact = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32, **kw)
+    stored = AutoModelForCausalLM.from_pretrained(str(cached), dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(str(cached))
+    num = den = 0.0
+    for a, b in zip(exact.parameters(), stored.parameters()):
+        num += float((a - b).pow(2).sum())
+        den += float(a.pow(2).sum())
+    worst = kl = 0.0
+    agree = total = 0
+    recs = json.loads(Path(heldout_json).read_text())[:n]
+    with torch.no_grad():
+        for r in recs:
+            msgs = [{"role": "user", "content": f"{r['instruction']}\n\n{r['input']}"},
+                    {"role": "assistant", "content": r["output"]}]
+            ids = tok(tok.apply_chat_template(msgs, tokenize=False), return_tensors="pt")["input_ids"]
+            la, lb = exact(ids).logits[0], stored(ids).logits[0]
+            worst = max(worst, float((la - lb).abs().max()))
+            agree += int((la.argmax(-1) == lb.argmax(-1)).sum())
+            total += la.shape[0]
+            kl += float(torch.nn.functional.kl_div(lb.log_softmax(-1), la.log_softmax(-1), log_target=True,
+                                                   reduction="batchmean"))
+    return {"weight_rel_rms_diff": (num / den) ** 0.5, "max_logit_abs_diff": worst, "top1_agreement": agree / total,
+            "mean_kl_nats_per_token": kl / len(recs), "tokens": total}
+
+
 def main() -> int:
+    if len(sys.argv) > 1 and sys.argv[1] == "precision":  # bench/spider_peer.py precision FILE.gguf HELDOUT.json
+        print(json.dumps(precision_check(sys.argv[2], sys.argv[3])))
+        return 0
+    if len(sys.argv) > 1 and sys.argv[1] == "plot":  # bench/spider_peer.py plot OUT.png RESULTS.json ...
+        plot_curves(sys.argv[3:], sys.argv[2])
+        return 0
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--gguf", required=True)
     p.add_argument("--data", required=True, help="Spider dev in DB-GPT-Hub's alpaca form (spider_dev_alpaca.json)")
@@ -220,16 +291,23 @@ def main() -> int:
     result.update({"gguf": Path(args.gguf).name, "steps": args.steps, "micro_batch": args.batch, "seed": args.seed,
                    "device": args.device if args.device == "cpu" else torch.cuda.get_device_name(0),
                    "torch_threads": torch.get_num_threads(), "torch": torch.__version__})
+    def save():
+        res_path.parent.mkdir(parents=True, exist_ok=True)
+        res_path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
     if "split" in steps:
         from shardtune.data.split import split_by_database
         result["split"] = split_by_database(args.data, out / "split", 0.2, seed=0)
         result["split"].pop("records_per_database", None)
     if "shardtune" in steps:
         result["shardtune_train"] = train_shardtune(args, out)
+        save()
     if "peer" in steps:
         result["peer_train"] = train_peer(args, out)
+        save()
     if "eval" in steps:
-        result["eval"] = evaluate_all(args, out)
+        result["eval"] = {}
+        evaluate_all(args, out, save, result["eval"])
     import transformers
     result["transformers"] = transformers.__version__
     res_path.parent.mkdir(parents=True, exist_ok=True)
