@@ -125,7 +125,8 @@ def load_run(run_or_adapter_dir: str | Path, base: str | Path | None = None) -> 
     else:
         raise ModelError(f"no base model recorded in '{adapter_dir / ADAPTER_CONFIG}'; "
                          f"pass --base DIR with the model the adapter was trained on")
-    base_model = _check_base(base_model, where)
+    from shardtune.model.gguf import resolve_gguf_base
+    base_model = _check_base(resolve_gguf_base(base_model, config.get("model") or {}), where)
     return RunInfo(adapter_dir=adapter_dir, base_model=base_model, method=str(method), precision=str(precision),
                    run_dir=run_dir, config=config, data_format=data_format)
 

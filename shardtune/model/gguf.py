@@ -108,6 +108,28 @@ def dequantized_model_dir(path: Path) -> Path:
     return target
 
 
+def resolve_gguf_base(base: str, model_cfg: dict) -> str:
+    """An adapter's base as generate/evaluate/export should load it: `--base FILE.gguf` becomes its dequantized
+    directory, and a recorded cache directory that is gone (cleared cache, another machine) is rebuilt from the run's
+    own model.name_or_path / model.gguf_file when that file still exists. Anything else is returned unchanged."""
+    if base.lower().endswith(".gguf") and Path(base).expanduser().is_file():
+        return str(dequantized_model_dir(Path(base).expanduser()))
+    if Path(base).expanduser().exists() or not model_cfg.get("name_or_path"):
+        return base
+    try:
+        src = gguf_source(_ModelRef(str(model_cfg["name_or_path"]), model_cfg.get("gguf_file")))
+    except ModelError:  # the run's GGUF moved too: let the caller report the missing base
+        return base
+    if src is None or converted_dir_for(src).name != Path(base).name:
+        return base
+    return str(dequantized_model_dir(src))
+
+
+class _ModelRef:
+    def __init__(self, name_or_path: str, gguf_file: Optional[str]):
+        self.name_or_path, self.gguf_file = name_or_path, gguf_file
+
+
 def _convert(path: Path, out: Path) -> None:
     import torch
     import transformers

@@ -196,3 +196,11 @@ def test_train_two_steps_from_gguf_then_load_adapter(tiny_gguf, tmp_path):
         with model.disable_adapter():
             base = model(ids).logits
     assert (tuned - base).abs().max() > 1e-4  # two steps at lr 1e-2 moved the adapter off its zero init
+
+    # the cache cleared (or the run copied to another machine): the run's GGUF is dequantized again
+    shutil.rmtree(recorded)
+    again, _ = load_for_inference(run, device="cpu")
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, tuned)
+    from shardtune.export.adapter import load_run
+    assert load_run(run, base=str(path)).base_model == recorded  # --base FILE.gguf
