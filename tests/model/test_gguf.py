@@ -204,3 +204,20 @@ def test_train_two_steps_from_gguf_then_load_adapter(tiny_gguf, tmp_path):
         torch.testing.assert_close(again(ids).logits, tuned)
     from shardtune.export.adapter import load_run
     assert load_run(run, base=str(path)).base_model == recorded  # --base FILE.gguf
+
+
+def test_gguf_base_quantizes_to_nf4_for_qlora(tiny_gguf):
+    """method=qlora re-quantizes the dequantized GGUF weights to NF4 like any bf16 checkpoint."""
+    pytest.importorskip("bitsandbytes")
+    from shardtune.config import load_config
+    from shardtune.model.load import build_model, resolve_model_dir
+    path, _ = tiny_gguf
+    cfg = load_config(None, [f"model.name_or_path={path}", "train.method=qlora", "train.device=cpu",
+                             "lora.rank=4", "lora.alpha=8"])
+    model = build_model(cfg, resolve_model_dir(cfg.model), torch.device("cpu"), torch.float32)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Linear4bit" in kinds
+    ids = torch.tensor([[5, 6, 7, 8]])
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and any(p.grad is not None for p in model.parameters() if p.requires_grad)
