@@ -431,6 +431,8 @@ def ctx(tmp_path, tiny_model, alpaca_file, finished_run, monkeypatch):
     # answers "success", which fails the case's exit-code check
     monkeypatch.setattr(supervise, "supervise", lambda *a, **kw: 0)
     env = dict(os.environ)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # left by earlier one-process engine tests
+        os.environ.pop(k, None)
     yield Ctx(tmp_path, tiny_model("llama"), alpaca_file, finished_run)
     if tdist.is_available() and tdist.is_initialized():
         tdist.destroy_process_group()
