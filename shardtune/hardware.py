@@ -109,12 +109,10 @@ class Hardware:
         """Memory one process may use: the cap if one was given, else the board's memory."""
         return self.memory_cap_bytes or self.gpu.memory_bytes
 
-    def cpu_ram(self) -> tuple[int, bool]:
-        """(CPU RAM per node in bytes, assumed?). Unknown RAM is assumed to be twice the node's GPU memory, at
-        least 64 GiB: a common build rule, stated in the plan so the user can correct it with --cpu-ram."""
-        if self.cpu_ram_bytes:
-            return int(self.cpu_ram_bytes), False
-        return max(64 * GiB, 2 * self.gpus_per_node * self.gpu.memory_bytes), True
+    def cpu_ram(self) -> int | None:
+        """CPU RAM per node in bytes: given (--cpu-ram), or detected for this machine's GPUs; None when unknown.
+        It is never guessed from the GPUs: an offload plan needs it (shardtune.plan.cpu_ram)."""
+        return int(self.cpu_ram_bytes) if self.cpu_ram_bytes else None
 
     def describe(self) -> str:
         mem = self.gpu_memory_bytes / GiB
@@ -300,7 +298,7 @@ def parse_memory(text: str) -> int:
 
 
 def hardware_for(gpus: str | None, nodes: int = 1, cpu_ram: int | None = None) -> Hardware:
-    """`gpus` if given (CPU RAM: `cpu_ram` bytes per node, else assumed), else the detected GPUs and this
+    """`gpus` if given (CPU RAM: `cpu_ram` bytes per node, else unknown), else the detected GPUs and this
     machine's RAM; without either, an error that says how to name them."""
     if gpus:
         return parse_gpus(gpus, nodes=nodes, cpu_ram_bytes=cpu_ram)

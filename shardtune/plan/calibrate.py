@@ -45,6 +45,8 @@ class Record:
     peak_reserved: float | None = None
     tokens_per_s: float | None = None
     source: str = ""
+    cpu_rss: float | None = None          # per rank, bytes, after the timed steps (steady state)
+    load_peak_rss: float | None = None    # per rank, bytes, the loader's peak RSS
 
     def hardware(self) -> Hardware:
         return parse_gpus(self.gpus)
@@ -155,8 +157,11 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
              f"{' offload' if offload else ''}{' cap' + str(a['cap']) if a.get('cap') else ''}"
              f"{' u' + str(_layers_per_unit(d)) if _layers_per_unit(d) > 1 else ''}"
              f"{' fused' if strategy != 'none' and d.get('loss_path') == 'fused' else ''}")
+    loads = [(r.get("load_report") or {}).get("peak_rss_bytes") for r in ranks]
+    loads = [v for v in loads if v]
     return [Record(label=label, model=model, gpus=gpus, setup=setup, peak_allocated=peak("peak_alloc_gb"),
-                   peak_reserved=peak("peak_reserved_gb"), tokens_per_s=d.get("tokens_per_s"), source=source)]
+                   peak_reserved=peak("peak_reserved_gb"), tokens_per_s=d.get("tokens_per_s"), source=source,
+                   cpu_rss=peak("cpu_rss_gb"), load_peak_rss=max(loads) if loads else None)]
 
 
 def load_records(paths: Iterable[str | Path]) -> list[Record]:
@@ -282,6 +287,22 @@ class CalibrationReport:
         return "\n".join(lines)
 
 
+def cpu_rows(records: list[Record], c: PlanConstants = DEFAULT_CONSTANTS) -> list[tuple[Record, str, float, float]]:
+    """(record, 'steady' | 'load', measured, predicted) CPU RAM per rank for every record that measured it: the
+    RSS after the timed steps against the node's predicted CPU RAM / ranks, the loader's peak RSS against the
+    predicted load-time peak."""
+    out = []
+    for rec in records:
+        if rec.cpu_rss is None and rec.load_peak_rss is None:
+            continue
+        m = predict_memory(rec.shape(), rec.setup, rec.hardware(), c)
+        if rec.cpu_rss:
+            out.append((rec, "steady", rec.cpu_rss, m.cpu_total / rec.setup.gpus_per_node))
+        if rec.load_peak_rss:
+            out.append((rec, "load", rec.load_peak_rss, float(m.load_peak_cpu_per_rank)))
+    return out
+
+
 def evaluate(records: list[Record], c: PlanConstants = DEFAULT_CONSTANTS) -> CalibrationReport:
     rep = CalibrationReport()
     for rec in records:
@@ -379,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
                 rep = evaluate(part, c)
                 for what in whats:
                     print(f"{name:11s} {what:12s}: {rep.summary(what)}")
+    cpu = cpu_rows(records, c)
+    if cpu:
+        print("\nCPU RAM per rank (GB)                                        measured / predicted")
+        for rec, what, meas, pred in cpu:
+            print(f"{rec.label[:58]:58s} {what:6s} {meas / 1e9:7.2f} / {pred / 1e9:7.2f} ({100 * (pred / meas - 1):+5.1f}%)")
     if args.fit:
         names = [n.strip() for n in args.fit.split(",") if n.strip()]
         c = fit(records, names, c, target=args.target)

@@ -21,7 +21,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", help="model directory, config.json/YAML file, or catalogue name (e.g. llama-3-8b)")
     p.add_argument("--gpus", help="GPUs per node: 8xV100-32GB, 2xRTX4090, 1x24GB, 4xH200@24GB (default: detected)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (each with --gpus)")
-    p.add_argument("--cpu-ram", help="CPU RAM per node, e.g. 512GB (default: detected here, else 2x GPU memory)")
+    p.add_argument("--cpu-ram", help="CPU RAM per node, e.g. 512GB (default: detected for this machine's GPUs; "
+                   "offload plans of named GPUs need it)")
     p.add_argument("--method", choices=["full", "lora", "qlora", "int8"])
     p.add_argument("--strategy", choices=["none", "ddp", "fsdp", "deepspeed", "zero2", "zero3"])
     p.add_argument("--zero-stage", type=int, choices=[2, 3])
@@ -87,6 +88,7 @@ def run(args) -> int:
     """Exit code: 0 fits (tight included), 1 does not fit (manual, --auto, text or --json alike); bad input raises
     a ShardtuneError (the CLI prints it in one line, exit 2)."""
     from shardtune.config import load_config, split_config_and_overrides
+    from shardtune.errors import ConfigError
     from shardtune.hardware import hardware_for, parse_memory
     from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
     from shardtune.plan.estimate import estimate
@@ -103,6 +105,9 @@ def run(args) -> int:
     if cfg.plan.mode == "auto":
         return _run_auto(cfg, hw, args, constants, color, stack)
     est = estimate(cfg, hw, constants=constants, stack=stack)
+    if est.memory.offload and est.memory.cpu_budget is None:
+        raise ConfigError(f"{est.setup.label} offloads to CPU memory ({est.memory.cpu_total / 2 ** 30:.0f} GiB per "
+                          "node predicted) and the node's CPU RAM is unknown: give --cpu-ram (e.g. --cpu-ram 512GB)")
     ways = smallest_change(est.shape, est.setup, hw, est.margin, constants) if not est.fits and not est.invalid else []
     if args.json:
         print(json.dumps(plan_dict(est, ways), indent=1))

@@ -46,6 +46,7 @@ class PlanConstants:
     # the contiguous-gradient and prefetch buffers).
     ds_zero3_extra_bytes: int = 1000 * MiB
     cpu_base_per_rank_bytes: int = 3 * GiB     # RSS of a rank with torch + CUDA + transformers imported
+    load_chunk_bytes: int = 32 * MiB           # the streamed loader's read chunk (model/materialize.DEFAULT_CHUNK_BYTES)
     # ---------------------------------------------------------------- speed (fractions of peak, seconds)
     # matmul_eff, host_lora_s, host_quant_linear_s, host_backward_factor and host_gpu_serial were fitted
     # (`python -m shardtune.plan.calibrate --fit ...`) to the 14 one-H100 shardtune rows of bench/results

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from shardtune.hardware import GiB, Hardware, hardware_for
 from shardtune.model.shapes import ModelShape, resolve_shape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
+from shardtune.plan.cpu_ram import cpu_need_line
 from shardtune.plan.memory import MemoryEstimate, predict_memory
 from shardtune.plan.setup import TrainSetup, setup_from_config
 from shardtune.plan.speed import SpeedEstimate, predict_speed
@@ -76,9 +77,7 @@ class Estimate:
     def _cpu_why_not(self) -> str | None:
         m = self.memory
         if not m.cpu_fits():
-            have = "assumed" if m.cpu_ram_assumed else "available"
-            return (f"needs {m.cpu_total / GiB:.0f} GiB of CPU RAM per node, {m.cpu_budget / GiB:.0f} GiB {have} "
-                    "(90% usable)")
+            return cpu_need_line(m.cpu_need, m.cpu_budget)
         return None
 
     def check_measured(self, peak_reserved_bytes: float, peak_allocated_bytes: float | None = None,

@@ -19,6 +19,8 @@ from shardtune.plan.activations import (FUSED_CHUNK_TOKENS, activation_bytes_per
                                         first_layer_discount_per_token, loss_forward_bytes, loss_peak_bytes,
                                         shared_activation_bytes_per_token)
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
+from shardtune.plan.cpu_ram import (cpu_notes, load_peak_bytes, offloaded_cpu_bytes, offloads,  # noqa: F401
+                                     offloads_params, offloads_states)
 from shardtune.plan.setup import TrainSetup, fsdp_layers_per_unit
 from shardtune.plan.weights import (WeightBytes, base_param_elem, fp32_autocast, lora_elem, lora_params,  # noqa: F401
                                     optimizer_bytes_per_param, quantized_linear_bytes, trainable_params,
@@ -31,17 +33,6 @@ PHASES = ("loss backward", "layer backward", "optimizer step", "end of forward")
 
 
 # ------------------------------------------------------------------------------------------------ base weights
-
-def offloads_params(setup: TrainSetup) -> bool:
-    """Parameters live on the CPU between uses: ZeRO-3 parameter offload, or FSDP2's CPUOffloadPolicy (which moves
-    parameters, gradients and optimizer states together)."""
-    return setup.offload_param or (setup.strategy == "fsdp" and setup.offload_optimizer)
-
-
-def offloads_states(setup: TrainSetup) -> bool:
-    """Gradients and optimizer states live on the CPU (DeepSpeed optimizer offload, or FSDP2's CPUOffloadPolicy)."""
-    return setup.offload_optimizer or (setup.strategy == "fsdp" and setup.offload_param)
-
 
 def resident_share(setup: TrainSetup) -> float:
     """Fraction of the model's parameters resident on each GPU: 1/N when sharded (FSDP2, ZeRO-3), none when those
@@ -152,17 +143,6 @@ def static_gpu_bytes(setup: TrainSetup, w: WeightBytes, t: TrainableBytes, c: Pl
     return gpu
 
 
-def offloaded_cpu_bytes(setup: TrainSetup, w: WeightBytes, t: TrainableBytes) -> dict[str, float]:
-    """Per node: what offload moves to CPU memory (pinned) for all of the node's ranks."""
-    cpu: dict[str, float] = {}
-    if offloads_states(setup):
-        cpu["optimizer states (offloaded)"] = t.states * setup.gpus_per_node
-        cpu["fp32 grads + masters (offloaded)"] = (t.grads + t.master) * setup.gpus_per_node
-    if offloads_params(setup):
-        cpu["weights (offloaded shards)"] = (w.total / setup.world_size) * setup.gpus_per_node
-    return cpu
-
-
 # ------------------------------------------------------------------------------------------------ activations
 
 @dataclass(frozen=True)
@@ -268,34 +248,6 @@ def fixed_device_bytes(setup: TrainSetup, c: PlanConstants) -> int:
     return c.cuda_context_bytes + (c.nccl_bytes if setup.world_size > 1 else 0)
 
 
-# ------------------------------------------------------------------------------------------------ CPU RAM
-
-def _elem_of_dtype(name: str) -> int:
-    return 4 if "32" in name else 2
-
-
-def load_peak_bytes(shape: ModelShape, setup: TrainSetup, w: WeightBytes, fixed: int,
-                    c: PlanConstants) -> tuple[float, float]:
-    """(CPU bytes per rank, GPU bytes) while loading: the rank's weights plus the largest checkpoint tensor in flight."""
-    largest = max(shape.vocab * shape.hidden, max(lin.weight_numel for lin in shape.linears))
-    per_rank_weights = w.total * resident_share(setup)
-    load_cpu = c.cpu_base_per_rank_bytes + largest * _elem_of_dtype(shape.checkpoint_dtype) + per_rank_weights
-    load_gpu = per_rank_weights + largest * max(setup.elem, base_param_elem(setup)) + fixed
-    return load_cpu, load_gpu
-
-
-def cpu_notes(setup: TrainSetup, hw) -> tuple[int | None, bool, list[str]]:
-    """(CPU RAM per node, whether it is assumed, notes about it)."""
-    cpu_budget, assumed = hw.cpu_ram() if hasattr(hw, "cpu_ram") else (getattr(hw, "cpu_ram_bytes", None), False)
-    notes = []
-    offload = setup.offload_optimizer or setup.offload_param
-    if assumed and offload:
-        notes.append(f"CPU RAM per node assumed {cpu_budget / GiB:.0f} GiB (2x GPU memory); give --cpu-ram")
-    if offload:
-        notes.append("offloaded tensors live in pinned CPU memory (page-locked; cannot swap)")
-    return cpu_budget, assumed, notes
-
-
 # ------------------------------------------------------------------------------------------------ the estimate
 
 @dataclass
@@ -319,13 +271,22 @@ class MemoryEstimate:
     trainable_params: int
     activation_per_token_layer: float
     notes: list[str] = field(default_factory=list)
-    cpu_ram_assumed: bool = False
+    ranks_per_node: int = 1
+    offload: bool = False             # something lives in CPU memory: then the node's CPU RAM must be known
 
     def fits(self, margin: float) -> bool:
         return self.usage_vs_budget <= (1 - margin) * self.budget and self.cpu_fits()
 
     def cpu_fits(self) -> bool:
-        return self.cpu_budget is None or self.cpu_total <= 0.9 * self.cpu_budget
+        """Within 90% of the node's CPU RAM; unknown RAM passes only when nothing is offloaded (never assumed)."""
+        if self.cpu_budget is None:
+            return not self.offload
+        return self.cpu_need <= 0.9 * self.cpu_budget
+
+    @property
+    def cpu_need(self) -> int:
+        """CPU RAM per node at its peak: steady state, or every rank at its load-time peak if that is higher."""
+        return max(self.cpu_total, self.load_peak_cpu_per_rank * self.ranks_per_node)
 
     def free_bytes(self, margin: float) -> int:
         return int((1 - margin) * self.budget - self.usage_vs_budget)
@@ -340,7 +301,7 @@ class MemoryEstimate:
                                       "layer_dense": self.weights.layer_dense, "root": self.weights.root},
                 "trainable_params": self.trainable_params,
                 "activation_bytes_per_token_layer": self.activation_per_token_layer,
-                "cpu_ram_assumed": self.cpu_ram_assumed, "notes": list(self.notes)}
+                "cpu_per_rank": self.cpu_total / max(1, self.ranks_per_node), "notes": list(self.notes)}
 
 
 
@@ -382,15 +343,16 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
                      "(they move back and forth each step: slower)")
 
     cpu = {"processes (torch, CUDA, libraries)": c.cpu_base_per_rank_bytes * setup.gpus_per_node}
-    cpu.update(offloaded_cpu_bytes(setup, w, t))
+    cpu.update(offloaded_cpu_bytes(shape, setup, w, t))
     if paged_out:
         cpu["optimizer states (paged out)"] = paged_out * setup.gpus_per_node
-    load_cpu, load_gpu = load_peak_bytes(shape, setup, w, fixed, c)
-    cpu_budget, assumed, more_notes = cpu_notes(setup, hw)
+    load_cpu, load_gpu = load_peak_bytes(shape, setup, w, resident_share(setup), fixed, c)
+    cpu_budget, more_notes = cpu_notes(setup, hw)
     return MemoryEstimate(
         gpu={k: int(v) for k, v in gpu.items()}, peak_allocated=int(peak_alloc), peak_reserved=int(reserved),
         device_total=int(device_total), usage_vs_budget=int(reserved if capped else device_total),
         budget=int(hw.gpu_memory_bytes), peak_phase=peak_phase, phases={k: int(v) for k, v in phases.items()},
         cpu={k: int(v) for k, v in cpu.items()}, cpu_total=int(sum(cpu.values())), cpu_budget=cpu_budget,
         load_peak_cpu_per_rank=int(load_cpu), load_peak_gpu=int(load_gpu), weights=w, trainable_params=t.params,
-        activation_per_token_layer=s.act_layer, notes=notes + more_notes, cpu_ram_assumed=assumed)
+        activation_per_token_layer=s.act_layer, notes=notes + more_notes,
+        ranks_per_node=setup.gpus_per_node, offload=offloads(setup))

@@ -65,7 +65,7 @@ def render_estimate(est: Estimate, color: bool = False) -> str:
     for k, v in m.cpu.items():
         c.add_row(k, _gib(v))
     c.add_section()
-    have = "unknown" if m.cpu_budget is None else _gib(m.cpu_budget) + (" (assumed)" if m.cpu_ram_assumed else "")
+    have = "unknown (--cpu-ram)" if m.cpu_budget is None else _gib(m.cpu_budget)
     c.add_row("total / available", f"{_gib(m.cpu_total)} / {have}")
     con.print(c)
     con.print(f"load-time peak: CPU {_gib(m.load_peak_cpu_per_rank)} GiB per rank, GPU {_gib(m.load_peak_gpu)} GiB")

@@ -57,12 +57,10 @@ def test_catalogue_covers_the_issue_list():
         assert g.peak_tflops > 0 and g.mem_bandwidth_gbs > 0 and g.link_gbs > 0
 
 
-def test_cpu_ram_is_assumed_when_unknown():
-    hw = parse_gpus("8xA100-80GB")
-    ram, assumed = hw.cpu_ram()
-    assert assumed and ram == 2 * 8 * 81920 * MiB
-    assert parse_gpus("1x24GB").cpu_ram() == (64 * GiB, True)
-    assert parse_gpus("1x24GB", cpu_ram_bytes=parse_memory("512GB")).cpu_ram() == (512 * GiB, False)
+def test_cpu_ram_is_never_assumed():
+    """Issue 15: RAM was assumed to be 2x GPU memory; unknown is now unknown (offload plans then need --cpu-ram)."""
+    assert parse_gpus("8xA100-80GB").cpu_ram() is None
+    assert parse_gpus("1x24GB", cpu_ram_bytes=parse_memory("512GB")).cpu_ram() == 512 * GiB
     assert parse_memory("1.5TB") == int(1.5 * 1024 ** 4)
 
 

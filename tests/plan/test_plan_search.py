@@ -66,8 +66,12 @@ def test_70b_qlora_fits_four_24gb_gpus_sharded_not_replicated():
 
 
 def test_70b_full_on_one_24gb_gpu_does_not_fit_and_names_the_smallest_change():
+    # CPU RAM unknown: no offload setup is offered, the message asks for --cpu-ram (it is never assumed)
     with pytest.raises(DoesNotFit) as e:
         auto_plan(cfg_for("llama-2-70b", "train.method=full"), parse_gpus("1x24GB"))
+    assert "--cpu-ram" in str(e.value) and "offload=" not in str(e.value).split("smallest change")[1]
+    with pytest.raises(DoesNotFit) as e:
+        auto_plan(cfg_for("llama-2-70b", "train.method=full"), parse_gpus("1x24GB", cpu_ram_bytes=64 * 2 ** 30))
     msg = str(e.value)
     assert "does not fit" in msg and "smallest change" in msg and "method=qlora" in msg
     assert "\n" not in msg
