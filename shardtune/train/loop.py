@@ -268,30 +268,6 @@ class Trainer:
         self.engine.all_reduce_sum(toks)
         return (loss / toks.clamp(min=1)).item()
 
-    # ------------------------------------------------------------------------------------------------ eval
-    @torch.no_grad()
-    def evaluate(self) -> float:
-        if not self.val_set:
-            return float("nan")
-        model, world, rank, micro = self.model, self.dist.world_size, self.dist.rank, self.cfg.train.micro_batch_size
-        model.eval()
-        n_batches = math.ceil(len(self.val_set) / (world * micro))
-        loss = torch.zeros((), device=self.device, dtype=torch.float64)
-        toks = torch.zeros((), device=self.device, dtype=torch.float64)
-        for b in range(n_batches):
-            lo = (b * world + rank) * micro
-            samples = self.val_set[lo:lo + micro]
-            weight = 1.0
-            if not samples:  # every rank must run the same number of forwards (sharded engines all-gather)
-                samples, weight = self.val_set[:1], 0.0
-            batch = _to(self.collate(samples), self.device)
-            loss += weight * self.loss_sum(batch).double()
-            toks += weight * (batch["labels"][:, 1:] != -100).sum()
-        model.train()
-        self.engine.all_reduce_sum(loss)
-        self.engine.all_reduce_sum(toks)
-        return (loss / toks.clamp(min=1)).item()
-
     # ------------------------------------------------------------------------------------------------ train
     def run(self) -> TrainResult:
         if not hasattr(self, "engine"):
