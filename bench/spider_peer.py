@@ -277,13 +277,17 @@ def main() -> int:
     p.add_argument("--limit", type=int, default=None, help="score only the first N held-out records")
     p.add_argument("--seed", type=int, default=0, help="training seed (the split's seed is fixed at 0)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave torch's default)")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads for both trainers (0: shardtune's rule, shardtune/threads.py: free cores)")
     p.add_argument("--only", default="split,shardtune,peer,eval")
     p.add_argument("--results", default=None)
     args = p.parse_args()
     import torch
     if args.threads:
         torch.set_num_threads(args.threads)
+    else:  # the rule `shardtune train` applies, applied to the peer too so both run on the same thread count
+        from shardtune.threads import configure_threads
+        configure_threads(on_gpu=args.device != "cpu")
     out = Path(args.out)
     steps = set(args.only.split(","))
     res_path = Path(args.results or REPO / "bench" / "results" / f"spider_{args.device}_seed{args.seed}.json")

@@ -86,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     info = split_by_database(args.data, args.out, args.heldout, args.seed)
-    print(f"train: {info['train_records']} records on {len(info['train_databases'])} databases -> {args.out}/train.json")
+    n_dbs = len(info["train_databases"])
+    print(f"train: {info['train_records']} records on {n_dbs} databases -> {args.out}/train.json")
     print(f"held out: {info['heldout_records']} records on {', '.join(info['heldout_databases'])} -> "
           f"{args.out}/heldout.json")
     return 0

@@ -13,6 +13,7 @@ import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Optional
 
 from shardtune.errors import EnvironmentProblem, ModelError
@@ -28,7 +29,7 @@ _INSTALL = "pip install 'shardtune[gguf]' (or: pip install gguf)"
 
 
 def gguf_source(mcfg) -> Optional[Path]:
-    """The GGUF file a model config names (`name_or_path` ending in .gguf, or a directory plus `gguf_file`), else None."""
+    """The GGUF file a model config names (name_or_path ending in .gguf, or a directory plus gguf_file), else None."""
     name = str(mcfg.name_or_path)
     gfile = getattr(mcfg, "gguf_file", None)
     if gfile:
@@ -117,17 +118,13 @@ def resolve_gguf_base(base: str, model_cfg: dict) -> str:
     if Path(base).expanduser().exists() or not model_cfg.get("name_or_path"):
         return base
     try:
-        src = gguf_source(_ModelRef(str(model_cfg["name_or_path"]), model_cfg.get("gguf_file")))
+        src = gguf_source(SimpleNamespace(name_or_path=str(model_cfg["name_or_path"]),
+                                          gguf_file=model_cfg.get("gguf_file")))
     except ModelError:  # the run's GGUF moved too: let the caller report the missing base
         return base
     if src is None or converted_dir_for(src).name != Path(base).name:
         return base
     return str(dequantized_model_dir(src))
-
-
-class _ModelRef:
-    def __init__(self, name_or_path: str, gguf_file: Optional[str]):
-        self.name_or_path, self.gguf_file = name_or_path, gguf_file
 
 
 def _convert(path: Path, out: Path) -> None:
