@@ -19,11 +19,12 @@ def quiet_libraries(debug: bool = False) -> None:
         # no NVIDIA driver: DeepSpeed would otherwise warn on import that it fell back to the CPU accelerator
         # (checked without importing torch, so `shardtune plan` stays instant)
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    for mod in ("torch.jit", "torch.utils.checkpoint", "peft", "transformers", "bitsandbytes", "accelerate"):
-        warnings.filterwarnings("ignore", category=DeprecationWarning, module=mod)
-        warnings.filterwarnings("ignore", category=FutureWarning, module=mod)
-    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
-    warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
+    # Third-party warnings are for their developers (e.g. ~33 torch.distributed FutureWarnings per DeepSpeed run, a
+    # bitsandbytes autograd UserWarning): all hidden, shardtune's own kept; --debug shows everything. The ranks of
+    # --nproc run this same function; PYTHONWARNINGS covers processes started without it.
+    warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module="shardtune")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     # bitsandbytes logs a warning per process when its optional CPU kernels package is missing; liger-kernel logs an
     # ImportError line per optional backend it probes
     for name in ("DeepSpeed", "deepspeed", "torch.distributed", "datasets", "accelerate", "bitsandbytes",

@@ -29,16 +29,21 @@ def usable_cores() -> int:
 
 def _cgroup_quota() -> float | None:
     try:
-        quota, period = open("/sys/fs/cgroup/cpu.max").read().split()[:2]
+        quota, period = _read("/sys/fs/cgroup/cpu.max").split()[:2]
         return None if quota == "max" else int(quota) / int(period)
     except (OSError, ValueError):
         pass
     try:
-        quota = int(open("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read())
-        period = int(open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read())
+        quota = int(_read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"))
+        period = int(_read("/sys/fs/cgroup/cpu/cpu.cfs_period_us"))
         return quota / period if quota > 0 else None
     except (OSError, ValueError):
         return None
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read()
 
 
 def busy_cores() -> int:
