@@ -63,6 +63,12 @@ CATALOGUE: dict[str, dict[str, Any]] = {
     # https://huggingface.co/codellama/CodeLlama-34b-hf/blob/main/config.json (GQA 8, vocab 32000)
     "CodeLlama-34B": dict(config=_llama(8192, 22016, 48, 64, 8, 32000, 16384),
                           aliases=["codellama/CodeLlama-34b-hf", "codellama-34b-python"]),
+    # Qwen (v1, remote code): https://huggingface.co/Qwen/Qwen-7B/blob/main/config.json and
+    # https://huggingface.co/Qwen/Qwen-14B/blob/main/config.json (intermediate_size is twice the MLP width)
+    "Qwen-7B": dict(config=_llama(4096, 22016, 32, 32, 32, 151936, 8192, model_type="qwen"),
+                    aliases=["Qwen/Qwen-7B", "qwen-7b-chat", "Qwen/Qwen-7B-Chat-Int4"]),
+    "Qwen-14B": dict(config=_llama(5120, 27392, 40, 40, 40, 152064, 8192, model_type="qwen"),
+                     aliases=["Qwen/Qwen-14B", "qwen-14b-chat", "Qwen/Qwen-14B-Chat-Int4"]),
     # https://huggingface.co/Qwen/Qwen1.5-7B/blob/main/config.json (q/k/v biases: model_type qwen2)
     "Qwen1.5-7B": dict(config=_llama(4096, 11008, 32, 32, 32, 151936, 32768, model_type="qwen2"),
                        aliases=["Qwen/Qwen1.5-7B"]),

@@ -61,6 +61,9 @@ class TrainSetup:
     fsdp_layers_per_unit: int = 0       # fsdp: decoder layers per FSDP unit (0 = auto, see fsdp_layers_per_unit())
     stack: str = "shardtune"            # shardtune | hf (HF Trainer + peft + bitsandbytes, see STACKS)
     lora_dtype: str = "fp32"            # LoRA weights: fp32 (peft's default) | bf16 (the QLoRA paper's script; hf only)
+    # hf only: prepare_model_for_kbit_training casts non-quantized parameters to fp32; peft skips that cast for
+    # GPTQ-quantized models (Qwen's Q-LoRA), so a GPTQ base keeps its bf16 norms, embeddings and residual stream
+    kbit_upcast: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

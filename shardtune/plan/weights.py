@@ -73,7 +73,7 @@ def kbit_upcast(setup: TrainSetup) -> bool:
     """peft's prepare_model_for_kbit_training (HF stack, 4-bit/8-bit bases) casts every non-quantized parameter to
     fp32: norms, embeddings, the LM head. The QLoRA paper's script then casts embeddings and head back to bf16 along
     with the LoRA weights (lora_dtype bf16), keeping only the norms in fp32."""
-    return setup.stack == "hf" and setup.method in ("qlora", "int8")
+    return setup.stack == "hf" and setup.method in ("qlora", "int8") and setup.kbit_upcast
 
 
 def lora_elem(setup: TrainSetup) -> int:
