@@ -26,6 +26,12 @@ def activation_breakdown_per_token(shape: ModelShape, setup: TrainSetup,
     out["norm inputs"] = shape.block_norms * norm_saved_per_token(shape, setup)
     # SDPA keeps q (after RoPE), k, v, the output and the fp32 log-sum-exp per head.
     out["attention q,k,v,out"] = e * (2 * qd + 2 * kvd) + 4 * shape.heads
+    if setup.packed:
+        # packed rows come with a mask: transformers repeats K and V to every query head before SDPA (no GQA with
+        # a mask), so the repeated copies are what is saved, and SDPA turns the bool mask into an additive one in
+        # the compute dtype, saved by each layer (one row of seq_len per token)
+        out["attention q,k,v,out"] += e * 2 * (qd - kvd)
+        out["packing mask (additive, per layer)"] = e * setup.seq_len
     # gated MLP: act(gate) keeps gate's output; gate*up keeps act's output and up's output. Liger's SwiGLU keeps
     # only gate's and up's outputs (recomputes the activation in backward).
     out["mlp intermediates"] = ((2 if liger else 3) if shape.gated_mlp else 1) * e * I

@@ -64,6 +64,9 @@ class TrainSetup:
     # hf only: prepare_model_for_kbit_training casts non-quantized parameters to fp32; peft skips that cast for
     # GPTQ-quantized models (Qwen's Q-LoRA), so a GPTQ base keeps its bf16 norms, embeddings and residual stream
     kbit_upcast: bool = True
+    # data.packing: rows carry position_ids that restart per sample and transformers builds a block-diagonal bool
+    # mask from them; SDPA's masked path then repeats K/V to the query heads and keeps an additive mask per layer
+    packed: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -213,7 +216,7 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         double_quant=bool(cfg.quant.double_quant), optimizer=profile.pop("optimizer", t.optimizer),
         kernels=kernels or resolve_kernels(getattr(t, "kernels", "none"), liger),
         fused_loss=fused_loss or resolve_loss_path(getattr(t, "fused_loss", False), model_type, liger),
-        fsdp_layers_per_unit=int(getattr(p, "fsdp_layers_per_unit", 0)),
+        fsdp_layers_per_unit=int(getattr(p, "fsdp_layers_per_unit", 0)), packed=bool(cfg.data.packing),
         **profile)
 
 
