@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if cpu:
         print("\nCPU RAM per rank (GB)                                        measured / predicted")
         for rec, what, meas, pred in cpu:
-            print(f"{rec.label[:58]:58s} {what:6s} {meas / 1e9:7.2f} / {pred / 1e9:7.2f} ({100 * (pred / meas - 1):+5.1f}%)")
+            err = 100 * (pred / meas - 1)
+            print(f"{rec.label[:58]:58s} {what:6s} {meas / 1e9:7.2f} / {pred / 1e9:7.2f} ({err:+5.1f}%)")
     if args.fit:
         names = [n.strip() for n in args.fit.split(",") if n.strip()]
         c = fit(records, names, c, target=args.target)
