@@ -211,19 +211,9 @@ def enable_checkpointing(model: nn.Module) -> None:
     base.config.use_cache = False
 
 
-def keep_trainable_4bit_layout(model: nn.Module) -> None:
-    """bitsandbytes repacks a CPU Linear4bit for its AVX512-BF16 kernel at the first eval-mode forward without grad
-    (the trainer's eval), and that layout has no backward: every later step silently lost the gradient through the
-    4-bit layers (and ran ~10x slower). A model being trained keeps the trainable layout."""
-    for m in model.modules():
-        if getattr(m, "support_avx512bf16_for_cpu", False):
-            m.support_avx512bf16_for_cpu = False
-
-
 def build_model(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
     """Base + method: the full trainable model for one process (or one replica before an engine shards it)."""
     model = load_base_model(cfg, model_dir, device, dtype)
-    keep_trainable_4bit_layout(model)
     if cfg.train.method == "full":
         for p in model.parameters():
             p.requires_grad_(True)
