@@ -121,7 +121,9 @@ class Engine:
         return 1.0
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss = loss * self.grad_scale() if self.grad_scale() != 1.0 else loss
+        scale = self.grad_scale()
+        if scale != 1.0:
+            loss = loss * scale
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self, finite_loss: bool = True) -> tuple[torch.Tensor, bool]:
