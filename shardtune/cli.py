@@ -166,11 +166,11 @@ def cmd_train(args) -> int:
     if (args.nproc > 1 or args.nnodes > 1) and not under_launcher:
         from shardtune.parallel.launch import relaunch
         from shardtune.threads import child_thread_env
-        os.environ.update(child_thread_env(args.nproc))
-        os.environ[LAUNCHED_ENV] = "1"
+        # what the ranks get on top of this environment (this process's own stays as it was)
+        extra_env = {**child_thread_env(args.nproc), LAUNCHED_ENV: "1"}
         argv = list(args.items) + (["--debug"] if args.debug else [])
         return relaunch(argv, nproc=args.nproc, nnodes=args.nnodes, node_rank=args.node_rank,
-                        master_addr=args.master_addr, master_port=args.master_port)
+                        master_addr=args.master_addr, master_port=args.master_port, extra_env=extra_env)
     from shardtune.train.loop import train  # sets its CPU threads in Trainer.setup (shardtune/threads.py)
     res = train(cfg)
     if _is_first_rank() and res.eval_losses and len(res.eval_losses) > 1:

@@ -121,7 +121,7 @@ DEFAULT_RENDEZVOUS = ("127.0.0.1", 29500)  # the CLI's defaults for --master-add
 
 
 def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, master_addr: str = "127.0.0.1",
-             master_port: int = 29500) -> int:
+             master_port: int = 29500, extra_env: dict | None = None) -> int:
     """Run `shardtune train <argv>` as this node's `nproc` ranks of an `nproc x nnodes` run
     (shardtune.parallel.supervise); returns the run's exit code.
 
@@ -142,7 +142,7 @@ def relaunch(argv: list[str], nproc: int, nnodes: int = 1, node_rank: int = 0, m
                           f"cores and run many times slower; use --nproc {cores} or fewer")
     if nnodes == 1 and (master_addr, master_port) == DEFAULT_RENDEZVOUS:
         master_port = free_port(master_addr)
-    env = dict(os.environ)
+    env = {**os.environ, **(extra_env or {})}
     env.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     from shardtune.parallel.supervise import supervise
     return supervise(strip_launch_args(argv), nproc, nnodes, node_rank, master_addr, master_port, env)
