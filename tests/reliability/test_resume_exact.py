@@ -76,14 +76,14 @@ def _metric_losses(out: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if "loss" in r and not r.get("skipped_nonfinite")}
 
 
-@pytest.mark.parametrize("kill_after, save_every", [(5, 2), (13, 7)])
-def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_model, alpaca_file, tmp_path, kill_after, save_every):
+@pytest.mark.parametrize("seed, kill_after, save_every", [(1, 5, 2), (2, 13, 7), (3, 9, 4), (4, 21, 5), (5, 30, 8)])
+def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_model, alpaca_file, tmp_path, seed, kill_after,
+                                                         save_every):
     # long enough that the kill lands mid-run (a step of the tiny model takes milliseconds)
-    common = run_overrides(tiny_model("llama"), alpaca_file, tmp_path / "x", **{**EXTRA, "train.max_steps": 150})
+    common = run_overrides(tiny_model("llama"), alpaca_file, tmp_path / "x",
+                           **{**EXTRA, "train.max_steps": 80, "train.seed": seed})
     args = lambda out, *more: [a for a in common if not a.startswith("output.dir=")] + [f"output.dir={out}", *more]
-    ref = _cli(args(tmp_path / "full"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert ref.wait(timeout=300) == 0
-
+    ref = _cli(args(tmp_path / "full"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # alongside
     run = _cli(args(tmp_path / "cut", f"train.save_every={save_every}"), stdout=subprocess.PIPE,
                stderr=subprocess.STDOUT)
     for line in run.stdout:
@@ -93,6 +93,7 @@ def test_kill_9_then_resume_equals_the_uninterrupted_run(tiny_model, alpaca_file
     run.wait(timeout=60)
     assert run.returncode == -signal.SIGKILL
     assert not (tmp_path / "cut" / "adapter").exists()
+    assert ref.wait(timeout=300) == 0
 
     resumed = _cli(args(tmp_path / "cut", f"train.save_every={save_every}", "train.resume=true"),
                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
