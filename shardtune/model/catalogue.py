@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from shardtune.builtin.tiny_model import BUILTIN_SHAPE
+
 
 def _llama(h, inter, layers, heads, kv, vocab, maxpos, tied=False, head_dim=None, model_type="llama"):
     d = dict(model_type=model_type, hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
@@ -123,6 +125,8 @@ CATALOGUE: dict[str, dict[str, Any]] = {
                             aliases=["mistralai/Mistral-7B-v0.3"]),
 }
 
-# The quickstart's tiny Llama (shardtune.builtin.tiny_model.builtin_model_dir builds it with exactly these values).
-TINY_LLAMA = _llama(128, 352, 4, 4, 2, 768, 2048)
-TINY_LLAMA["head_dim"] = 32
+# The quickstart's tiny Llama: the very shape shardtune.builtin.tiny_model.builtin_model_dir builds (one source).
+_b = BUILTIN_SHAPE
+TINY_LLAMA = _llama(_b["hidden_size"], _b["intermediate_size"], _b["num_hidden_layers"], _b["num_attention_heads"],
+                    _b["num_key_value_heads"], _b["vocab_size"], 2048)
+TINY_LLAMA["head_dim"] = _b["hidden_size"] // _b["num_attention_heads"]

@@ -65,8 +65,11 @@ def test_instruct_and_versions_resolve_to_their_base_shapes():
 
 
 def test_builtin_tiny_llama_is_the_quickstart_shape():
+    from shardtune.builtin.tiny_model import BUILTIN_SHAPE as b
     s = resolve_shape("builtin:tiny-llama")
-    assert (s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab) == (128, 4, 4, 2, 352, 768)
+    assert (s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab) == (
+        b["hidden_size"], b["num_hidden_layers"], b["num_attention_heads"], b["num_key_value_heads"],
+        b["intermediate_size"], b["vocab_size"]) == (128, 4, 4, 2, 384, 768)
 
 
 def test_unknown_model_names_the_catalogue_and_how_to_add_one():
