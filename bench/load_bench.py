@@ -247,6 +247,7 @@ def worker(args) -> None:
     if rank == 0:
         Path(args.result).write_text(json.dumps(results))
     if world > 1:
+        dist.barrier()  # no rank tears gloo down while another still has work in flight (it aborted the process)
         dist.destroy_process_group()
 
 
