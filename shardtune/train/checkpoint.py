@@ -50,16 +50,18 @@ def existing_run(out: Path) -> list[str]:
     return [name for name in RUN_OUTPUTS if (out / name).exists()]
 
 
-def prepare_output_dir(out: Path, resume: bool, overwrite: bool) -> str | None:
-    """Refuse to write into a directory holding another run, unless resuming it or told to start over. Returns a
-    line to print when something was deleted."""
-    found = existing_run(out)
+def prepare_output_dir(out: Path, found: list[str], resume: bool, overwrite: bool, delete: bool) -> str | None:
+    """Refuse to write into a directory holding another run (`found`, from `existing_run`), unless resuming it or
+    told to start over; with `delete` (one rank), start over by deleting the previous run's outputs. Returns a line
+    to print when something was deleted."""
     if not found or resume:
         return None
     if not overwrite:
         raise ConfigError(f"output.dir={out} already holds a run ({', '.join(found)}); continue it with "
                           "train.resume=true, start over with output.overwrite=true (deletes those), or choose "
                           "another output.dir")
+    if not delete:
+        return None
     for name in found:
         p = out / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()

@@ -93,18 +93,15 @@ class Trainer:
         o, t = self.cfg.output, self.cfg.train
         found = ckpt.existing_run(self.out)
         self._barrier()
-        if found and not t.resume and not o.overwrite:
-            ckpt.prepare_output_dir(self.out, t.resume, o.overwrite)  # raises the one-line error
-        if self.dist.is_main:
-            note = ckpt.prepare_output_dir(self.out, t.resume, o.overwrite)
-            if note:
-                self.say(note)
-            try:
-                self.out.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise ConfigError(f"output.dir={self.out} cannot be created ({e.strerror}); choose a writable "
-                                  "output.dir") from None
+        note = ckpt.prepare_output_dir(self.out, found, t.resume, o.overwrite, delete=self.dist.is_main)
+        if note:
+            self.say(note)
         self._barrier()
+        try:  # every rank, so that all of them stop on an unwritable dir (none waits for the others)
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"output.dir={self.out} cannot be created ({e.strerror}); choose a writable "
+                              "output.dir") from None
 
     def _barrier(self) -> None:
         if self.dist.world_size > 1:

@@ -62,7 +62,7 @@ class StopRequests:
 
 # what gloo and NCCL say when a peer process is gone or stops answering
 _PEER_GONE = ("connection closed", "connection reset", "broken pipe", "connection refused", "timed out", "timeout",
-              "nccl", "gloo", "socket", "peer")
+              "closed by peer", "reset by peer", "remote process exited", "watchdog")
 
 
 def lost_peer(e: BaseException) -> bool:
