@@ -215,9 +215,15 @@ def main(argv: list[str] | None = None) -> int:
     except ShardtuneError as e:
         if debug:
             raise
-        from shardtune.errors import Stopped
-        if os.environ.get("RANK", "0") == "0":  # every rank raises it; one line is enough
+        from shardtune.errors import RankLost, Stopped
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, RankLost):  # every rank raises it; one line will do
             print(str(e) if isinstance(e, Stopped) else f"error: {e}", file=sys.stderr)
+        if isinstance(e, RankLost):
+            # the process group is broken: tearing it down at exit aborts the process (gloo: "terminate called
+            # without an active exception"), so leave without running destructors
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(e.exit_code)
         return e.exit_code
     except KeyboardInterrupt:
         if debug:

@@ -74,7 +74,8 @@ def _wait(procs: list[subprocess.Popen], first_rank: int) -> int:
         if bad and failed_at is None:
             i, c = bad[0]
             failed_at = time.monotonic()
-            if c not in (2, 3):  # a user error or divergence: the rank said why itself
+            others = any(p.poll() is None for j, p in enumerate(procs) if j != i)
+            if c not in (2, 3, 4) and others:  # 2, 3, 4: the rank said why itself
                 sys.stderr.write(f"rank {first_rank + i} stopped with {_describe(c)}; stopping the other ranks\n")
                 sys.stderr.flush()
             for p in procs:
