@@ -26,13 +26,15 @@ import numpy as np
 import torch
 
 from shardtune.errors import ConfigError
+from shardtune.train.metrics import METRIC_OUTPUTS
 
 COMPLETE = "COMPLETE"
 RUN_FILE = "run.json"
 FORMAT = 2  # 1: pickled engine.pt (shardtune <= 0.1 before the reliability work), refused on resume
 
-# what a run writes into output.dir; any of them present means the dir holds a run
-RUN_OUTPUTS = ("adapter", "checkpoints", "shardtune_run.json", "metrics.jsonl", "tensorboard", "loss.png")
+# what a run writes into output.dir; any of them present means the dir holds a run (the metrics backends' files
+# too: an overwrite that left an earlier run's mlflow store or wandb id would mix two runs' metrics)
+RUN_OUTPUTS = ("adapter", "checkpoints", "shardtune_run.json") + METRIC_OUTPUTS
 
 # keys that may differ between a checkpoint and the run resuming it (docs/reliability.md); every other key of the
 # resolved config changes what the saved state means or how the run continues, and stops the resume
@@ -90,12 +92,17 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def fsync_dirs(root: Path) -> None:
+    """fsync every directory under root (and root): the entries of files already fsynced by their writers."""
+    for p in sorted({q.parent for q in root.rglob("*")} | {root}):
+        fsync_dir(p)
+
+
 def fsync_tree(root: Path) -> None:
     for p in sorted(root.rglob("*")):
         if p.is_file():
             fsync_file(p)
-    for p in sorted({q.parent for q in root.rglob("*")} | {root}):
-        fsync_dir(p)
+    fsync_dirs(root)
 
 
 def _sha256(path: Path) -> str:
@@ -153,6 +160,13 @@ def complete_checkpoints(out: Path) -> list[Path]:
     if not root.is_dir():
         return []
     return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step-") and (p / COMPLETE).exists())
+
+
+def newest_sealed(out: Path) -> Path | None:
+    """The newest checkpoint with its COMPLETE marker, not re-verified: what an error message names as the state to
+    resume from (resume itself verifies with `latest_checkpoint`)."""
+    done = complete_checkpoints(out)
+    return done[-1] if done else None
 
 
 def latest_checkpoint(out: Path, say: Callable[[str], None] | None = None) -> Path | None:

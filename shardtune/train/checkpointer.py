@@ -36,7 +36,7 @@ class Checkpointer:
             return self._save(step, d)
         except OSError as e:
             shutil.rmtree(d, ignore_errors=True)
-            last = ckpt.latest_checkpoint(self.out)
+            last = ckpt.newest_sealed(self.out)
             raise EnvironmentProblem(f"cannot write checkpoint {d} ({e.strerror or e}); the last complete checkpoint "
                                      f"is {last or 'none'}; free space or make output.dir={self.out} writable, then "
                                      "resume with train.resume=true") from None
@@ -60,7 +60,7 @@ class Checkpointer:
             ckpt.write_adapter(self.engine.unwrapped(), sd, self.tokenizer, d / "adapter")
         self.engine.barrier()
         if self.dist.is_main:
-            ckpt.fsync_tree(d)
+            ckpt.fsync_dirs(d)  # every rank fsynced the files it wrote; the directory entries are rank 0's
             ckpt.seal(d, step)
             ckpt.prune_checkpoints(self.out)
             self.say(f"checkpoint: {d}")
@@ -77,7 +77,7 @@ class Checkpointer:
             except OSError as e:
                 for tmp in self.out.glob("adapter.tmp*"):
                     shutil.rmtree(tmp, ignore_errors=True)
-                last = ckpt.latest_checkpoint(self.out)
+                last = ckpt.newest_sealed(self.out)
                 raise EnvironmentProblem(f"cannot write the adapter to {final} ({e.strerror or e}); the trained state "
                                          f"is in checkpoint {last or 'none'}; free space or make output.dir writable, "
                                          "then run again with train.resume=true") from None

@@ -275,7 +275,7 @@ class Trainer:
             return self._run()
         except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors (DistBackendError included)
             if self.dist.world_size > 1 and lost_peer(e):
-                last = ckpt.latest_checkpoint(self.out)
+                last = ckpt.newest_sealed(self.out)
                 raise RankLost(f"rank {self.dist.rank}: lost contact with another rank during step "
                                f"{self.current_step + 1} ({str(e).strip().splitlines()[0][:120]}); last complete "
                                f"checkpoint {last or 'none'}; resume with train.resume=true once every rank is back"
@@ -370,7 +370,7 @@ class Trainer:
             if progress:
                 progress.stop()
             if isinstance(e, KeyboardInterrupt):
-                last = ckpt.latest_checkpoint(self.out)
+                last = ckpt.newest_sealed(self.out)
                 self.say(f"interrupted at step {step}; the last complete checkpoint is {last or 'none'}; "
                          f"{self.out / 'adapter'} was not touched")
             log.close()
@@ -397,7 +397,7 @@ class Trainer:
         log.log(done, skipped_nonfinite=1, loss=loss_v, grad_norm=gn)
         self.say(f"step {done}: loss {loss_v:.4g}, grad_norm {gn:.4g}: update skipped ({in_a_row}/{limit} in a row)")
         if in_a_row >= limit:
-            last = ckpt.latest_checkpoint(self.out)
+            last = ckpt.newest_sealed(self.out)
             raise Diverged(f"training diverged: {in_a_row} steps in a row with a non-finite loss or gradient norm "
                            f"(step {done}: loss {loss_v:.4g}, grad_norm {gn:.4g}); last good checkpoint "
                            f"{last or 'none'}, no adapter written; lower train.lr (now {self.cfg.train.lr:g}), use "

@@ -10,6 +10,10 @@ from pathlib import Path
 
 import torch
 
+# what a run's metrics write into output.dir (every backend): train/checkpoint.py counts these as a run's outputs
+METRIC_OUTPUTS = ("metrics.jsonl", "tensorboard", "loss.png", "wandb", "wandb_run_id.txt", "mlruns",
+                  "mlflow_run_id.txt")
+
 
 def peak_memory_gb(device: torch.device) -> tuple[float, float]:
     """(peak allocated, peak reserved) on this rank's GPU in GB; CPU runs report process RSS for both."""

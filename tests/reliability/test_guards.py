@@ -108,11 +108,14 @@ def test_overwrite_starts_over_with_one_run_worth_of_metrics(tiny_model, alpaca_
     out = tmp_path / "run"
     assert main(["train", *_args(tiny_model, alpaca_file, out)]) == 0
     (out / "notes.txt").write_text("mine")
+    (out / "mlruns" / "0").mkdir(parents=True)  # an earlier run's mlflow store and wandb id belong to that run
+    (out / "wandb_run_id.txt").write_text("old")
     assert main(["train", *_args(tiny_model, alpaca_file, out, **{"output.overwrite": True,
                                                                    "train.max_steps": 4})]) == 0
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "loss" in x]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (out / "notes.txt").read_text() == "mine"  # only shardtune's own outputs are deleted
+    assert not (out / "mlruns").exists() and not (out / "wandb_run_id.txt").exists()
 
 
 def test_resume_with_a_changed_lora_rank_names_it(tiny_model, alpaca_file, tmp_path, capsys):
