@@ -196,7 +196,7 @@ def trainer_files(d: Path, rank: int) -> tuple[Path, Path]:
     return d / f"trainer-rank{rank:05d}.safetensors", d / f"trainer-rank{rank:05d}.json"
 
 
-def save_trainer_state(d: Path, rank: int, step: int, extra: dict) -> list[Path]:
+def save_trainer_state(d: Path, rank: int, step: int) -> list[Path]:
     """The step and every RNG the next step draws from (torch CPU and CUDA, python, numpy): dropout and anything
     random continue exactly as in an uninterrupted run."""
     from safetensors.torch import save_file
@@ -208,7 +208,7 @@ def save_trainer_state(d: Path, rank: int, step: int, extra: dict) -> list[Path]
     tensors["numpy_keys"] = torch.from_numpy(np.asarray(keys, dtype=np.int64))
     version, py_state, gauss = random.getstate()
     meta = {"step": step, "numpy": [kind, int(pos), int(has_gauss), float(cached)],
-            "python": [version, list(py_state), gauss], **extra}
+            "python": [version, list(py_state), gauss]}
     st, js = trainer_files(d, rank)
     save_file(tensors, str(st))
     js.write_text(json.dumps(meta))

@@ -50,7 +50,7 @@ class Checkpointer:
             d.mkdir(parents=True)
         self.engine.barrier()
         files = self.engine.save_checkpoint(d)
-        files += ckpt.save_trainer_state(d, self.dist.rank, step, {})
+        files += ckpt.save_trainer_state(d, self.dist.rank, step)
         for f in files:
             ckpt.fsync_file(f)
         if self.dist.is_main:
