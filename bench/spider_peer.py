@@ -147,7 +147,7 @@ def evaluate_all(args, out: Path, save=lambda: None, results: dict | None = None
         return AutoModelForCausalLM.from_pretrained(info.base_model, dtype=torch.float32).to(args.device)
 
     results = {} if results is None else results
-    for name in ("base", "shardtune", "peer"):
+    for name in getattr(args, "models", "base,shardtune,peer").split(","):
         if name == "base":
             model = base_model()
         elif name == "shardtune":
@@ -164,7 +164,8 @@ def evaluate_all(args, out: Path, save=lambda: None, results: dict | None = None
         print(name, json.dumps(results[name]), flush=True)
         save()  # a run cut short by a time limit keeps what it measured
         del model
-    results["examples"] = compare_examples(out)
+    if (out / "eval_base.json").is_file():
+        results["examples"] = compare_examples(out)
     return results
 
 
@@ -280,6 +281,8 @@ def main() -> int:
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads for both trainers (0: shardtune's rule, shardtune/threads.py: free cores)")
     p.add_argument("--only", default="split,shardtune,peer,eval")
+    p.add_argument("--models", default="base,shardtune,peer",
+                   help="models to score (the base model does not depend on the training seed)")
     p.add_argument("--results", default=None)
     args = p.parse_args()
     import torch
