@@ -68,7 +68,7 @@ def random_samples(n: int, seq: int, vocab: int, seed: int = 0) -> list[dict]:
     return [{"input_ids": r.tolist(), "labels": r.tolist()} for r in ids]
 
 
-def model_flops_per_token(shape: str, seq: int, recompute: bool) -> float:
+def model_flops_per_token(shape: str, seq: int, recompute: float) -> float:
     """Training FLOPs per token of a LoRA/QLoRA step (frozen base: forward 2N + input-gradient 2N, +2N when the
     forward is recomputed), plus causal attention (forward 2*s*h per layer; x3 with backward, x4 with recompute).
     N counts every matmul weight (embedding lookups excluded, the output projection included)."""
@@ -77,9 +77,9 @@ def model_flops_per_token(shape: str, seq: int, recompute: bool) -> float:
     kv = h * s["num_key_value_heads"] // s["num_attention_heads"]
     per_layer = h * h * 2 + h * kv * 2 + 3 * h * inter
     n = L * per_layer + h * v
-    mult = 6 if recompute else 4
+    f = float(recompute)  # the share of layers recomputed (True = 1.0: every layer)
     attn_fwd = 2 * L * seq * h
-    return mult * n + attn_fwd * (4 if recompute else 3)
+    return (4 + 2 * f) * n + attn_fwd * (3 + f)
 
 
 def write_config_dir(shape: str, out: Path) -> Path:

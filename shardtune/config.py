@@ -85,6 +85,13 @@ class TrainConfig:
     fused_loss: bool = _f(True, "score only labelled positions, vocab projection + loss chunked/fused (no full fp32 logits)")
     kernels: Literal["auto", "liger", "none"] = _f("auto", "fused RMSNorm/RoPE/SwiGLU kernels: auto = Liger when CUDA and installed")
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~1/3 more compute)")
+    checkpoint_layers: Optional[int] = _f(None, "with gradient_checkpointing: how many decoder layers recompute, "
+                                                "evenly spread (unset: all); fewer is faster and keeps more memory")
+    fused_lora: bool = _f(True, "LoRA's dropout is regenerated in backward instead of stored (same math, less "
+                                "activation memory); peft's own forward under DeepSpeed ZeRO-3, DoRA or several adapters")
+    offload_activations: bool = _f(False, "move saved activations to pinned CPU memory during forward and back "
+                                          "for backward, on a side stream (CUDA only)")
+    compile: bool = _f(False, "torch.compile each decoder layer (CUDA only; first steps compile)")
     seed: int = _f(42, "seed for init, data order and dropout")
     log_every: int = _f(5, "log loss / lr / grad norm / tokens/s every N steps")
     eval_every: int = _f(20, "eval loss every N steps (0 disables)")

@@ -205,10 +205,30 @@ def add_lora(model: nn.Module, cfg) -> nn.Module:
     return model
 
 
-def enable_checkpointing(model: nn.Module) -> None:
+def enable_checkpointing(model: nn.Module, layers: int | None = None) -> int:
+    """Recompute decoder layers in backward: all of them, or `layers` of them spread evenly over the depth (the peak
+    holds every saved activation at the end of the forward, so which ones does not change it; spreading keeps the
+    recompute cost even across FSDP units). Returns how many layers recompute."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     base.config.use_cache = False
+    blocks = checkpointed_blocks(base)
+    if layers is None or layers >= len(blocks):
+        return len(blocks)
+    chosen = set(spread(len(blocks), max(0, layers)))
+    for i, block in enumerate(blocks):
+        block.gradient_checkpointing = i in chosen
+    return len(chosen)
+
+
+def checkpointed_blocks(base: nn.Module) -> list[nn.Module]:
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in base.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def spread(n: int, k: int) -> list[int]:
+    """k indices of range(n), evenly spaced (k <= n)."""
+    return sorted({(i * n) // k for i in range(k)}) if k else []
 
 
 def build_model(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype) -> nn.Module:
@@ -220,7 +240,7 @@ def build_model(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype) 
     else:
         model = add_lora(model, cfg)
     if cfg.train.gradient_checkpointing:
-        enable_checkpointing(model)
+        enable_checkpointing(model, cfg.train.checkpoint_layers)
     return model
 
 

@@ -49,6 +49,9 @@ class Engine:
     # True when the engine's run-time configuration (a DeepSpeed JSON) carries its own optimizer / LR schedule
     brings_optimizer = False
     brings_scheduler = False
+    # a module's parameters are whole tensors inside its forward, also when read by a parent module's code (False
+    # under ZeRO-3, whose per-module hooks gather them only when that module itself is called): fused LoRA needs it
+    local_module_params = True
 
     @property
     def loss_scaling(self) -> bool:

@@ -44,6 +44,11 @@ class DeepSpeedEngine(Engine):
     name = "deepspeed"
     state_format = "deepspeed"  # DeepSpeed's own files (each rank its optimizer partition): same rank count only
 
+    @property
+    def local_module_params(self) -> bool:
+        from shardtune.parallel.dsconfig import zero_stage
+        return zero_stage(self.cfg) != 3
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """Convert the 4-bit layers for stage 3 and resolve the DeepSpeed config; `deepspeed.initialize` runs in
         `setup`, once the trainer has built the optimizer."""

@@ -54,7 +54,12 @@ def activation_breakdown_per_token(shape: ModelShape, setup: TrainSetup,
     # under CUDA autocast, so lora_A keeps the very tensor the other linears read.
     # The HF stack's fp32 norm weights make every norm output fp32, so autocast casts it for each LoRA path alike.
     own_copy = setup.autocast and (setup.method == "lora" or kbit_upcast(setup))
-    if setup.lora_dropout > 0:
+    if setup.fused_lora:
+        # shardtune's fused LoRA keeps x (in the compute dtype) and regenerates the mask: paths reading one tensor
+        # share it, o_proj's input is SDPA's saved output; the down projection's input is kept for its LoRA alone
+        groups = {lin.input_group: lin.in_features for lin in targeted}
+        out["lora inputs (shared, mask regenerated)"] = sum(e * n for g, n in groups.items() if g != "attn_out")
+    elif setup.lora_dropout > 0:
         # dropout keeps its mask (bool on CUDA); lora_A keeps the dropped-out compute-dtype copy of its input
         mask = e if c.dropout_mask_bytes is None else c.dropout_mask_bytes
         out["lora inputs (dropout mask + copy)"] = sum((mask + e) * lin.in_features for lin in targeted)
@@ -83,12 +88,12 @@ def first_layer_discount_per_token(shape: ModelShape, setup: TrainSetup, c: Plan
     """Without checkpointing the frozen embedding's output does not require grad, so layer 0 keeps neither its
     first norm's fp32 input nor the dropout masks of the linears reading that norm's output (HF only hooks the
     embedding to require grad when checkpointing is on)."""
-    if setup.grad_ckpt or setup.method == "full":
+    if recomputed_layers(shape, setup) or setup.method == "full":
         return 0.0
     e = setup.elem
     mask = e if c.dropout_mask_bytes is None else c.dropout_mask_bytes
     masks = 0.0
-    if setup.lora_dropout > 0:
+    if setup.lora_dropout > 0 and not setup.fused_lora:
         masks = sum(mask * lin.in_features for lin in shape.targeted_linears(setup.lora_targets)
                     if lin.input_group == "attn_in")
     return norm_saved_per_token(shape, setup) + masks
@@ -97,6 +102,13 @@ def first_layer_discount_per_token(shape: ModelShape, setup: TrainSetup, c: Plan
 def residual_elem(setup: TrainSetup) -> int:
     """Bytes per element of the residual stream: fp32 when fp32 master weights meet autocast (full), else compute."""
     return 4 if fp32_residual(setup) else setup.elem
+
+
+def recomputed_layers(shape: ModelShape, setup: TrainSetup) -> int:
+    """Decoder layers recomputed in backward: none without checkpointing, else train.checkpoint_layers (0: all)."""
+    if not setup.grad_ckpt:
+        return 0
+    return min(shape.layers, setup.ckpt_layers) if setup.ckpt_layers else shape.layers
 
 
 def checkpoint_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> int:

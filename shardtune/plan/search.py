@@ -79,18 +79,24 @@ def global_batch_for(cfg, world: int) -> tuple[int, list[str]]:
 
 
 def candidates(base: TrainSetup, methods: list[str], world: int, gpus_per_node: int, global_batch: int,
-               model_type: str, fused_pref: bool, liger: bool, max_micro: int = MAX_MICRO_BATCH) -> list[TrainSetup]:
+               model_type: str, fused_pref: bool, liger: bool, max_micro: int = MAX_MICRO_BATCH,
+               layers: int = 0) -> list[TrainSetup]:
+    """Every setup auto weighs. With the model's depth (`layers`), checkpointing a quarter, half or three quarters
+    of the layers joins none and all: between the two in memory and in time."""
     out = []
+    ckpts = [(False, 0), (True, 0)] + [(True, k) for k in sorted({layers // 4, layers // 2, 3 * layers // 4})
+                                       if 0 < k < layers]
     per_rank = global_batch // world
     for method in methods:
         for strategy, stage, off_opt, off_par in _strategies(world):
             fused = resolve_loss_path(fused_pref, model_type, liger)
-            for ckpt in (False, True):
+            for ckpt, ckpt_layers in ckpts:
                 for micro in _micro_batches(per_rank, max_micro):
                     out.append(base.replace(method=method, strategy=strategy, zero_stage=stage,
                                             offload_optimizer=off_opt, offload_param=off_par, world_size=world,
                                             gpus_per_node=gpus_per_node, micro_batch=micro,
-                                            grad_accum=per_rank // micro, grad_ckpt=ckpt, fused_loss=fused))
+                                            grad_accum=per_rank // micro, grad_ckpt=ckpt, ckpt_layers=ckpt_layers,
+                                            fused_loss=fused))
     return out
 
 
@@ -99,6 +105,7 @@ def _why_slower(best: Estimate, other: Estimate) -> str:
     a, b = best.setup, other.setup
     diffs = []
     for name, fmt in (("method", "{}"), ("strategy", "{}"), ("zero_stage", "zero {}"), ("grad_ckpt", "ckpt {}"),
+                      ("ckpt_layers", "ckpt layers {}"),
                       ("micro_batch", "micro {}"), ("offload_optimizer", "opt offload {}"),
                       ("offload_param", "param offload {}")):
         va, vb = getattr(a, name), getattr(b, name)
@@ -123,7 +130,7 @@ def _search(shape: ModelShape, base: TrainSetup, hw: Hardware, methods: list[str
             fixed: dict | None = None):
     fits, rejected = [], []
     cands = candidates(base, methods, hw.world_size, hw.gpus_per_node, global_batch, shape.model_type, fused_pref,
-                       liger, max_micro)
+                       liger, max_micro, layers=shape.layers)
     if fixed:  # fields the search may not change (a DeepSpeed JSON's engine, stage, offloads, batch shape)
         cands = [st for st in cands if all(getattr(st, k) == v for k, v in fixed.items())]
     near: list[tuple[float, TrainSetup, str]] = []

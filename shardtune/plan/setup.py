@@ -48,6 +48,7 @@ class TrainSetup:
     seq_len: int = 2048
     grad_accum: int = 1
     grad_ckpt: bool = True
+    ckpt_layers: int = 0                # with grad_ckpt: decoder layers recomputed (0 = all; train.checkpoint_layers)
     precision: str = "bf16"             # compute dtype: bf16 | fp16 | fp32
     lora_rank: int = 16
     lora_targets: str | tuple[str, ...] = "all-linear"
@@ -67,6 +68,9 @@ class TrainSetup:
     # data.packing: rows carry position_ids that restart per sample and transformers builds a block-diagonal bool
     # mask from them; SDPA's masked path then repeats K/V to the query heads and keeps an additive mask per layer
     packed: bool = False
+    # train.fused_lora: LoRA's dropout regenerated in backward (shardtune/model/lora_fused.py): lora_A keeps the
+    # input it shares with the base linears instead of its own dropped-out copy and mask
+    fused_lora: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -140,7 +144,8 @@ class TrainSetup:
             off.append("param")
         off_s = f" offload={'+'.join(off)}" if off else ""
         stack = f" stack=hf(lora {self.lora_dtype}, {self.optimizer})" if self.stack == "hf" else ""
-        return (f"{self.method} {s} x{self.world_size}{off_s} ckpt={'on' if self.grad_ckpt else 'off'} "
+        ckpt = ("on" if not self.ckpt_layers else f"{self.ckpt_layers} layers") if self.grad_ckpt else "off"
+        return (f"{self.method} {s} x{self.world_size}{off_s} ckpt={ckpt} "
                 f"micro={self.micro_batch} accum={self.grad_accum} seq={self.seq_len}{stack}")
 
     def invalid_reason(self) -> str | None:
@@ -209,7 +214,9 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         method=t.method, strategy=strategy, zero_stage=int(p.zero_stage), offload_optimizer=bool(p.offload_optimizer),
         offload_param=bool(p.offload_param), world_size=world, gpus_per_node=hw.gpus_per_node,
         micro_batch=t.micro_batch_size, seq_len=cfg.data.max_seq_len, grad_accum=t.grad_accum,
-        grad_ckpt=bool(t.gradient_checkpointing),
+        grad_ckpt=bool(t.gradient_checkpointing), ckpt_layers=int(getattr(t, "checkpoint_layers", None) or 0),
+        fused_lora=bool(getattr(t, "fused_lora", False)) and t.method != "full" and not (stack or {}).get("stack")
+        and not (strategy == "deepspeed" and int(p.zero_stage) == 3),
         precision=resolve_precision(t.precision, on_gpu=True, gpu_bf16=hw.gpu.bf16, gpu_name=hw.gpu.name),
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,
@@ -228,6 +235,7 @@ def apply_setup(cfg, setup: TrainSetup):
     new.train.micro_batch_size = setup.micro_batch
     new.train.grad_accum = setup.grad_accum
     new.train.gradient_checkpointing = setup.grad_ckpt
+    new.train.checkpoint_layers = setup.ckpt_layers or None
     new.parallel.strategy = setup.strategy
     new.parallel.zero_stage = setup.zero_stage
     new.parallel.offload_optimizer = setup.offload_optimizer
@@ -240,7 +248,8 @@ def apply_setup(cfg, setup: TrainSetup):
 
 # TrainSetup field -> the config key apply_setup writes it to
 APPLIED_KEYS = {"method": "train.method", "micro_batch": "train.micro_batch_size", "grad_accum": "train.grad_accum",
-                "grad_ckpt": "train.gradient_checkpointing", "strategy": "parallel.strategy",
+                "grad_ckpt": "train.gradient_checkpointing", "ckpt_layers": "train.checkpoint_layers",
+                "strategy": "parallel.strategy",
                 "zero_stage": "parallel.zero_stage", "offload_optimizer": "parallel.offload_optimizer",
                 "offload_param": "parallel.offload_param", "seq_len": "data.max_seq_len"}
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from shardtune.model.shapes import ModelShape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
-from shardtune.plan.activations import activation_bytes_per_token_layer
+from shardtune.plan.activations import activation_bytes_per_token_layer, recomputed_layers
 from shardtune.plan.weights import base_param_elem, lora_params, trainable_params, weight_bytes
 from shardtune.plan.setup import TrainSetup
 
@@ -53,20 +53,28 @@ def flops_per_token(shape: ModelShape, setup: TrainSetup) -> Flops:
     bwd = 2 * (n_blocks + n_head) + 4 * n_lora + 2 * attn_fwd
     if setup.method == "full":
         bwd += 2 * (n_blocks + n_head)
-    rec = (2 * n_blocks + 2 * n_lora + attn_fwd) if setup.grad_ckpt else 0.0
+    f = recompute_fraction(shape, setup)
+    rec = (2 * n_blocks + 2 * n_lora + attn_fwd) * f
     if setup.fused_loss == "chunked":
         rec += 2 * n_head                   # the loss chunks are checkpointed
-    attention = attn_fwd * (3 + (1 if setup.grad_ckpt else 0))
-    lora = 6 * n_lora + (2 * n_lora if setup.grad_ckpt else 0)
+    attention = attn_fwd * (3 + f)
+    lora = 6 * n_lora + 2 * n_lora * f
     return Flops(fwd, bwd, rec, attention, lora)
+
+
+def recompute_fraction(shape: ModelShape, setup: TrainSetup) -> float:
+    """The share of decoder layers whose forward runs twice (train.checkpoint_layers of them; all with plain
+    gradient checkpointing)."""
+    return recomputed_layers(shape, setup) / max(shape.layers, 1)
 
 
 def model_flops_per_token(shape: ModelShape, setup: TrainSetup) -> float:
     """The MFU convention of docs/benchmarks.md: 4N (6N with recomputation, 6N/8N for full) + attention."""
     n = shape.params_linear + shape.vocab * shape.hidden
-    mult = (6 if setup.method == "full" else 4) + (2 if setup.grad_ckpt else 0)
+    f = recompute_fraction(shape, setup)
+    mult = (6 if setup.method == "full" else 4) + 2 * f
     attn_fwd = 2 * shape.layers * setup.seq_len * shape.hidden
-    return mult * n + attn_fwd * (4 if setup.grad_ckpt else 3)
+    return mult * n + attn_fwd * (3 + f)
 
 
 # ------------------------------------------------------------------------------------------------ time
@@ -113,7 +121,7 @@ def host_seconds_per_micro(shape: ModelShape, setup: TrainSetup, c: PlanConstant
     elif setup.strategy == "deepspeed" and setup.zero_stage == 3:
         # hooks on every submodule: the layer, attention, MLP, norms, each linear and each LoRA's A/B/dropout
         per_pass += c.host_zero3_module_s * (6 + n_lin + 4 * n_lora)
-    passes = 1 + c.host_backward_factor + (1 if setup.grad_ckpt else 0) * (1 + c.host_ckpt_extra)
+    passes = 1 + c.host_backward_factor + recompute_fraction(shape, setup) * (1 + c.host_ckpt_extra)
     return shape.layers * per_pass * passes + c.host_micro_s
 
 
@@ -134,13 +142,14 @@ def predict_speed(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = D
     if setup.method == "int8":
         t_gemm *= c.int8_matmul_slowdown
     t_attn = fl.attention * T / (peak * c.attn_eff)
-    passes = 2 + (1 if setup.grad_ckpt else 0)
+    f = recompute_fraction(shape, setup)
+    passes = 2 + f
     t_dequant = 0.0
     if setup.method in ("qlora", "int8"):
         t_dequant = passes * shape.params_linear * c.dequant_bytes_per_param / bw
     act = activation_bytes_per_token_layer(shape, setup, c) * T * shape.layers
     elem_traffic = c.elementwise_traffic_liger if setup.kernels == "liger" else c.elementwise_traffic
-    t_elem = elem_traffic * act * (1 + (1 if setup.grad_ckpt else 0)) / bw
+    t_elem = elem_traffic * act * (1 + f) / bw
     t_lora = c.lora_traffic * fl.lora / (2 * max(setup.lora_rank, 1)) * e * T / bw if fl.lora else 0.0
     if setup.fused_loss == "liger":
         t_loss = c.flce_traffic_bytes_per_logit * T * shape.vocab / bw

@@ -145,6 +145,13 @@ class Trainer:
                 self.say("load: " + r.format())
         self.param_counts = trainable_summary(model)
         self.kernels = apply_kernels(model, self.cfg.train.kernels, self.device)
+        self.fused_lora = 0
+        if self.cfg.train.fused_lora and self.cfg.train.method != "full" and self.engine.local_module_params:
+            from shardtune.model.lora_fused import fuse_lora
+            self.fused_lora = fuse_lora(model)
+        if self.cfg.train.compile:
+            from shardtune.model.compile_layers import compile_layers
+            self.say(compile_layers(model, self.device, self.strategy))
         self._built = model
 
     def _setup_engine(self) -> None:
@@ -161,7 +168,8 @@ class Trainer:
         # the fused loss: an engine without wrapper hooks lets the loop call the decoder directly; wrapped engines
         # swap the output layer's forward for one that returns the loss (their hooks keep running)
         self.fused = t.fused_loss and can_fuse(self.model)
-        self.say(f"kernels: {self.kernels}; loss: {'fused' if self.fused else 'logits'}")
+        lora = f"; lora dropout: regenerated in backward ({self.fused_lora} layers)" if self.fused_lora else ""
+        self.say(f"kernels: {self.kernels}; loss: {'fused' if self.fused else 'logits'}{lora}")
         if self.cfg.plan.mode != "auto" and self.device.type == "cuda":
             self._predict(self.cfg)
         trainable, total = self.param_counts

@@ -1,0 +1,25 @@
+"""`train.compile`: torch.compile each decoder layer of a one-process CUDA run.
+
+Compiling layer by layer keeps graphs small and identical across layers (one compile serves all of them), and
+leaves the loss and the optimizer outside. bitsandbytes' 4-bit matmul and peft's LoRA run inside the compiled
+layer; where dynamo cannot trace them it breaks the graph and runs them eagerly (`TORCH_LOGS=graph_breaks` lists
+the breaks). Sharded engines wrap layers with their own hooks and are left uncompiled.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+def compile_layers(model: nn.Module, device, strategy: str) -> str:
+    """Compile in place; returns the line the run prints."""
+    if device.type != "cuda":
+        return "compile: train.compile needs CUDA; running eagerly"
+    if strategy not in ("none",):
+        return f"compile: not applied under parallel.strategy={strategy} (one-process runs only); running eagerly"
+    from shardtune.model.load import checkpointed_blocks
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    blocks = checkpointed_blocks(base)
+    for block in blocks:
+        block.compile(dynamic=False)
+    return f"compile: {len(blocks)} decoder layers compiled with torch.compile (first steps compile)"
