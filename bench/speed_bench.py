@@ -7,7 +7,9 @@ Each variant runs in its own process (clean CUDA memory statistics) on the same 
 once to --model-dir, and the same random token data. Reported per variant: median step time over the measured
 steps (warm-up excluded), tokens/s, MFU, peak allocated and reserved memory per GPU, and the ratio to the peer's
 default (ckpt=1, mb=2, no Liger). Variant keys: ckpt (gradient checkpointing 0/1), mb (micro batch), liger (0/1),
-method (qlora/lora), fused (shardtune fused loss 0/1), cap (GB: cap this process's GPU memory).
+method (qlora/lora), fused (shardtune fused loss 0/1), cap (GB: cap this process's GPU memory); shardtune only:
+cl (train.checkpoint_layers: recompute only this many layers), fl (train.fused_lora 0/1), off
+(train.offload_activations 0/1), comp (train.compile 0/1).
 """
 
 from __future__ import annotations
@@ -29,7 +31,8 @@ PEER_DEFAULT = "peer:ckpt=1,mb=2"
 
 def parse_variant(text: str) -> dict:
     kind, _, rest = text.partition(":")
-    v = {"kind": kind, "ckpt": 1, "mb": 2, "liger": 0, "method": "qlora", "fused": 1, "cap": 0, "label": text}
+    v = {"kind": kind, "ckpt": 1, "mb": 2, "liger": 0, "method": "qlora", "fused": 1, "cap": 0, "label": text,
+         "cl": 0, "fl": 1, "off": 0, "comp": 0}
     for kv in filter(None, rest.split(",")):
         k, val = kv.split("=")
         v[k] = val if k == "method" else float(val) if k == "cap" else int(val)
@@ -125,7 +128,9 @@ def run_shardtune(v: dict, model_dir: str, seq: int, steps: int, warmup: int) ->
                              f"train.kernels={('liger' if _cuda() else 'auto') if v['liger'] else 'none'}", f"train.fused_loss={bool(v['fused'])}",
                              "train.eval_every=0", "train.log_every=1000", "output.dir=/tmp/st-out", "output.overwrite=true",
                              "output.tensorboard=false", "output.plot=false", "lora.rank=16", "lora.alpha=32",
-                             "lora.dropout=0.05", "train.lr=2e-4", "train.warmup_steps=0"])
+                             "lora.dropout=0.05", "train.lr=2e-4", "train.warmup_steps=0",
+                             f"train.checkpoint_layers={v['cl'] or 'null'}", f"train.fused_lora={bool(v['fl'])}",
+                             f"train.offload_activations={bool(v['off'])}", f"train.compile={bool(v['comp'])}"])
     tr = Trainer(cfg, out=lambda m: print(m, flush=True), time_steps=True)
     tr.setup()
     tr.use_samples(random_samples(v["mb"] * (steps + warmup), seq, SHAPES_VOCAB(model_dir)))
@@ -134,7 +139,7 @@ def run_shardtune(v: dict, model_dir: str, seq: int, steps: int, warmup: int) ->
     tr.run()
     alloc, reserved = _peak()
     return {"times": tr.step_times[warmup:], "peak_alloc": alloc, "peak_reserved": reserved,
-            "kernels": tr.kernels, "fused": tr.fused}
+            "kernels": tr.kernels, "fused": tr.fused, "fused_lora_layers": getattr(tr, "fused_lora", None)}
 
 
 def SHAPES_VOCAB(model_dir: str) -> int:
@@ -158,20 +163,31 @@ def worker(args) -> None:
 
 def summarise(v: dict, r: dict, shape: str, seq: int) -> dict:
     row = {"variant": v["label"], "kind": v["kind"], "method": v["method"], "ckpt": v["ckpt"], "micro_batch": v["mb"],
-           "liger": v["liger"], "cap_gb": v["cap"], "ok": r.get("ok", False)}
+           "liger": v["liger"], "cap_gb": v["cap"], "ok": r.get("ok", False),
+           "checkpoint_layers": v.get("cl", 0), "fused_lora": v.get("fl", 1), "offload_activations": v.get("off", 0),
+           "compile": v.get("comp", 0)}
     if not row["ok"]:
         row["error"] = r.get("error")
         return row
     med = statistics.median(r["times"])
     tps = v["mb"] * seq / med
     row.update(steps_measured=len(r["times"]), median_step_s=round(med, 4), tokens_per_s=round(tps, 1),
-               mfu=round(tps * model_flops_per_token(shape, seq, bool(v["ckpt"])) / H100_BF16_CEILING, 4),
+               mfu=round(tps * model_flops_per_token(shape, seq, _recomputed(v, shape)) / H100_BF16_CEILING, 4),
+               mfu_no_recompute=round(tps * model_flops_per_token(shape, seq, 0.0) / H100_BF16_CEILING, 4),
                peak_alloc_gb=round(r["peak_alloc"], 3), peak_reserved_gb=round(r["peak_reserved"], 3),
                step_times=[round(t, 4) for t in r["times"]])
-    for k in ("kernels", "fused"):
+    for k in ("kernels", "fused", "fused_lora_layers"):
         if k in r:
             row[k] = r[k]
     return row
+
+
+def _recomputed(v: dict, shape: str) -> float:
+    from bench.common import SHAPES
+    if not v["ckpt"] or v["kind"] != "st":
+        return float(bool(v["ckpt"]))
+    layers = SHAPES[shape]["num_hidden_layers"]
+    return min(v.get("cl") or layers, layers) / layers
 
 
 def main() -> None:
