@@ -18,7 +18,8 @@ STRATEGY_ALIASES = {"zero2": ("deepspeed", 2), "zero3": ("deepspeed", 3), "fsdp2
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("items", nargs="*", metavar="CONFIG.yaml | key=value",
                    help="a YAML config (optional) followed by dotted overrides such as lora.rank=32")
-    p.add_argument("--model", help="model directory, config.json/YAML file, or catalogue name (e.g. llama-3-8b)")
+    p.add_argument("--model", help="model directory, config.json/YAML file, .gguf file, or catalogue name "
+                                    "(e.g. llama-3-8b)")
     p.add_argument("--gpus", help="GPUs per node: 8xV100-32GB, 2xRTX4090, 1x24GB, 4xH200@24GB (default: detected)")
     p.add_argument("--nodes", type=int, default=1, help="number of nodes (each with --gpus)")
     p.add_argument("--cpu-ram", help="CPU RAM per node, e.g. 512GB (default: detected for this machine's GPUs; "

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from shardtune.hardware import GiB, Hardware, hardware_for
-from shardtune.model.shapes import ModelShape, resolve_shape
+from shardtune.model.shapes import ModelShape
+from shardtune.plan.gguf_shape import plan_shape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.cpu_ram import cpu_need_line
 from shardtune.plan.memory import MemoryEstimate, predict_memory
@@ -133,7 +134,7 @@ def estimate(cfg, hw: Hardware | None = None, *, constants: PlanConstants = DEFA
     if hw is None:
         hw = hardware_for(cfg.plan.gpus)
     if shape is None:
-        shape = resolve_shape(cfg.model.name_or_path)
+        shape = plan_shape(cfg.model)
     setup = setup_from_config(cfg, hw, model_type=shape.model_type, kernels=kernels, fused_loss=fused_loss,
                               stack=stack)
     return estimate_setup(shape, setup, hw, cfg.plan.margin, constants)

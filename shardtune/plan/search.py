@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 
 from shardtune.errors import DoesNotFit
 from shardtune.hardware import GiB, Hardware, hardware_for
-from shardtune.model.shapes import ModelShape, resolve_shape
+from shardtune.model.shapes import ModelShape
+from shardtune.plan.gguf_shape import plan_shape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.estimate import Estimate, context_warnings, estimate_setup
 from shardtune.plan.setup import (TrainSetup, apply_setup, fixed_by_deepspeed_json, liger_on_target,
@@ -247,7 +248,7 @@ def auto_plan(cfg, hw: Hardware | None = None, *, search_method: bool = False,
     Returns the chosen setup applied to a copy of `cfg`; raises DoesNotFit with the smallest change otherwise."""
     if hw is None:
         hw = hardware_for(cfg.plan.gpus)
-    shape = resolve_shape(cfg.model.name_or_path)
+    shape = plan_shape(cfg.model)
     base = setup_from_config(cfg, hw, model_type=shape.model_type, stack=stack)
     fused_pref = bool(getattr(cfg.train, "fused_loss", False)) and base.stack != "hf"
     liger = liger_on_target(hw)
