@@ -137,8 +137,9 @@ def run_shardtune(v: dict, a) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the peer
 
-def unpacked_samples(a) -> list[dict]:
-    """The samples shardtune packs, before packing: same file, template, tokenizer, masking and order."""
+def unpacked_samples(a) -> tuple[list[dict], object]:
+    """(samples, tokenizer): the samples shardtune packs, before packing (same file, template, tokenizer, masking
+    and order)."""
     from shardtune.config import load_config
     from shardtune.data.pipeline import build_datasets
     from shardtune.model.load import load_tokenizer
@@ -331,7 +332,7 @@ def main(argv=None) -> dict | None:
     compare(rows)
     out = {"bench": "realdata", "shape": a.shape, "seq": a.seq, "steps": a.steps, "warmup": a.warmup,
            "data": str(data), "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
-           "torch": torch.__version__, "command": " ".join([Path(sys.argv[0]).name] + (argv or sys.argv[1:])),
+           "torch": torch.__version__, "command": " ".join(["bench/realdata_bench.py"] + (argv or sys.argv[1:])),
            "rows": rows}
     print(f"{'variant':28s} {'smp/step':>8s} {'smp/s':>7s} {'lab tok/s':>10s} {'unl tok/s':>10s} {'pad':>6s} "
           f"{'step s':>7s} {'resv GB':>7s} {'x peer':>6s}")
