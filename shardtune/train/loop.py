@@ -23,6 +23,7 @@ from shardtune.train import checkpoint as ckpt
 from shardtune.train.batches import GlobalBatches, micro_batches, targets_of as _targets, to_device as _to
 from shardtune.train.loss import can_fuse, fused_loss_sum, head_fused_loss_sum, logits_loss_sum
 from shardtune.train.metrics import MetricsLog, peak_memory_gb, plot_losses
+from shardtune.train.offload import activation_offloader
 from shardtune.train.optim import build_optimizer, build_scheduler
 from shardtune.train.preempt import StopRequests, lost_peer
 
@@ -170,6 +171,7 @@ class Trainer:
         self.fused = t.fused_loss and can_fuse(self.model)
         lora = f"; lora dropout: regenerated in backward ({self.fused_lora} layers)" if self.fused_lora else ""
         self.say(f"kernels: {self.kernels}; loss: {'fused' if self.fused else 'logits'}{lora}")
+        self.offload = activation_offloader(t.offload_activations, self.device, self.say)
         if self.cfg.plan.mode != "auto" and self.device.type == "cuda":
             self._predict(self.cfg)
         trainable, total = self.param_counts
@@ -331,7 +333,8 @@ class Trainer:
                 for m, idx in enumerate(mbs):
                     batch = _to(self.collate([self.train_set[i] for i in idx]), self.device)
                     with engine.accumulating(m == len(mbs) - 1):
-                        loss_sum = self.loss_sum(batch)
+                        with self.offload():  # saved activations to pinned CPU memory (CUDA only; else nothing)
+                            loss_sum = self.loss_sum(batch)
                         engine.backward(loss_sum / gtargets)
                     step_loss += loss_sum.detach().double()
                     win_tokens += (batch["attention_mask"].sum() if "attention_mask" in batch

@@ -1,0 +1,217 @@
+"""Activation offloading (shardtune/train/offload.py): the hooks' pack/unpack path, exercised on CPU through a fake
+mover, gives bit-identical gradients (with and without gradient checkpointing, peft's and our fused LoRA); parameters
+and small tensors stay; the trainer on CPU ignores the option with one line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shardtune.config import load_config
+from shardtune.model.load import build_model
+from shardtune.train.loss import fused_loss_sum, logits_loss_sum
+from shardtune.train.offload import CudaMover, OffloadActivations, OffloadStats, activation_offloader
+from support import run_overrides
+
+
+class CloneMover:
+    """Stands in for the CUDA mover on CPU: 'host' and 'device' copies are clones. `corrupt` garbles what comes back
+    (to show backward really reads the copies); `slow` never reports a copy done (the in-flight cap must wait)."""
+
+    def __init__(self, corrupt: bool = False, slow: bool = False):
+        self.corrupt, self.slow = corrupt, slow
+        self.to_host_bytes: list[int] = []
+        self.waits = 0
+
+    def accepts(self, t):
+        return t.device.type == "cpu"
+
+    def to_host(self, raw):
+        self.to_host_bytes.append(raw.numel())
+        return raw.clone(), object()
+
+    def to_device(self, host):
+        back = host.clone()
+        if self.corrupt:
+            back.add_(1)
+        return back, object()
+
+    def done(self, event):
+        return not self.slow
+
+    def wait(self, event):
+        self.waits += 1
+
+
+def _lora_model(tiny_model, ckpt: bool, fused: bool):
+    cfg = load_config(None, ["train.method=lora", f"train.gradient_checkpointing={ckpt}", "lora.dropout=0.1"])
+    model = build_model(cfg, tiny_model("llama"), torch.device("cpu"), torch.float32)
+    if fused:
+        from shardtune.model.lora_fused import fuse_lora
+        assert fuse_lora(model) > 0
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.02)  # a non-trivial adapter, so every LoRA gradient is non-zero
+    return model.train()
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 100, (2, 40), generator=g)
+    labels = ids.clone()
+    labels[:, :12] = -100
+    return {"input_ids": ids, "labels": labels, "attention_mask": torch.ones_like(ids)}
+
+
+def _grads(model, batch, loss_fn, ctx=None):
+    model.zero_grad()
+    torch.manual_seed(7)  # the same dropout draws in every run
+    if ctx is None:
+        loss = loss_fn(model, batch)
+    else:
+        with ctx:
+            loss = loss_fn(model, batch)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+LOSSES = {"logits": lambda m, b: logits_loss_sum(m, b, torch.float32, torch.device("cpu")),
+          # chunks of the vocabulary projection run under their own non-reentrant checkpoint
+          "fused": lambda m, b: fused_loss_sum(m, b, torch.float32, torch.device("cpu"), chunk_tokens=16,
+                                               use_liger=False)}
+
+
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+@pytest.mark.parametrize("fused_lora", [False, True], ids=["peft-lora", "fused-lora"])
+@pytest.mark.parametrize("loss", ["logits", "fused"])
+def test_gradients_bit_identical(tiny_model, ckpt, fused_lora, loss):
+    model, batch = _lora_model(tiny_model, ckpt, fused_lora), _batch()
+    ref_loss, ref = _grads(model, batch, LOSSES[loss])
+    mover = CloneMover()
+    hooks = OffloadActivations(mover, min_bytes=0)
+    off_loss, got = _grads(model, batch, LOSSES[loss], hooks)
+    s = hooks.stats
+    assert s.moved_storages > 0 and s.fetched_bytes + _still_on_device(hooks) == s.moved_bytes
+    assert torch.equal(off_loss, ref_loss)
+    assert ref and all(ref[n].abs().sum() > 0 for n in ref if "lora_A" in n)
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), n
+    # nothing is left on the device side after backward
+    assert all(r.device_raw is None for r in hooks._records)
+    if not ckpt:
+        # the same input is saved by the q/k/v projections (and by peft's lora_A), and matmuls keep 2-D views of
+        # 3-D inputs: each storage goes to the host once
+        assert s.moved_saves > s.moved_storages
+        assert s.prefetched_bytes > 0
+
+
+def _still_on_device(hooks) -> int:
+    """Bytes whose copy to the host was still in flight when backward began: backward reads the original there."""
+    return sum(r.nbytes for r in hooks._records if r.seq == len(hooks._records) - 1)
+
+
+def test_checkpointing_moves_only_the_layer_inputs(tiny_model):
+    """Inside a non-reentrant checkpoint region the checkpoint's own hooks win: far fewer storages move."""
+    batch, counts = _batch(), {}
+    for ckpt in (False, True):
+        hooks = OffloadActivations(CloneMover(), min_bytes=0)
+        _grads(_lora_model(tiny_model, ckpt, False), batch, LOSSES["logits"], hooks)
+        counts[ckpt] = hooks.stats.moved_storages
+    assert 0 < counts[True] < counts[False] / 4, counts
+
+
+def test_backward_reads_the_copies(tiny_model):
+    """A mover that garbles the copies back changes the gradients: the unpack path is the one backward uses."""
+    model, batch = _lora_model(tiny_model, False, True), _batch()
+    _, ref = _grads(model, batch, LOSSES["logits"])
+    # min_bytes keeps the integer targets (640 bytes) out of it: garbled class indices would raise instead
+    _, got = _grads(model, batch, LOSSES["logits"], OffloadActivations(CloneMover(corrupt=True), min_bytes=4096))
+    assert any(not torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_inflight_cap_waits_for_the_oldest_copy(tiny_model):
+    """A copy never reported done: above max_inflight_bytes the compute side waits on the oldest; same gradients."""
+    model, batch = _lora_model(tiny_model, False, True), _batch()
+    _, ref = _grads(model, batch, LOSSES["logits"])
+    mover = CloneMover(slow=True)
+    hooks = OffloadActivations(mover, min_bytes=0, max_inflight_bytes=1)
+    _, got = _grads(model, batch, LOSSES["logits"], hooks)
+    assert mover.waits >= hooks.stats.moved_storages - 1
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def _small_graph(hooks=None):
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64)                        # weight 16 KiB
+    frozen = torch.nn.Linear(64, 64).requires_grad_(False)
+    x = torch.randn(128, 64, requires_grad=True)         # 32 KiB
+    small = torch.randn(4, 64, requires_grad=True)       # 1 KiB
+    big = torch.randn(4096, 64)                          # 1 MiB, of which a 16 KiB slice is saved
+    w = torch.randn(64, requires_grad=True)
+    with hooks if hooks is not None else torch.enable_grad():
+        h = lin(x)                      # saves x (moved) and a view of the weight (a parameter: kept)
+        y = frozen(h * h) + h.tanh()    # h saved twice by mul (one copy), tanh's output, a frozen weight's view
+        z = lin(small)                  # a small input: kept
+        part = big[:64] * w             # a small slice of a large storage: kept
+    (y.sum() + z.sum() + part.sum()).backward()
+    return [t.grad for t in (x, small, w, lin.weight, lin.bias)]
+
+
+def test_parameters_and_small_tensors_stay():
+    mover = CloneMover()
+    hooks = OffloadActivations(mover, min_bytes=8 << 10)
+    got, ref = _small_graph(hooks), _small_graph()
+    s = hooks.stats
+    assert mover.to_host_bytes == [32 << 10] * 3, mover.to_host_bytes  # x, h, tanh(h): nothing else
+    assert (s.moved_storages, s.moved_saves) == (3, 4)
+    assert s.kept_param_saves == 3           # lin's weight twice, frozen's once
+    assert s.kept_small_bytes >= 1 << 10 and s.kept_partial_bytes == 16 << 10
+    assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_cuda_mover_refuses_cpu_tensors():
+    """On CPU the real mover copies nothing: every saved tensor stays where it is."""
+    hooks = OffloadActivations(CudaMover.__new__(CudaMover), min_bytes=0)
+    x = torch.randn(256, 256, requires_grad=True)
+    with hooks:
+        y = (x * x).sum()
+    y.backward()
+    assert hooks.stats.moved_bytes == 0 and hooks.stats.kept_other_saves > 0
+    assert torch.equal(x.grad, 2 * x.detach())
+
+
+def test_trainer_on_cpu_ignores_the_option_with_one_line(tiny_model, alpaca_file, tmp_path):
+    from shardtune.train.loop import Trainer
+    said: list[str] = []
+    cfg = load_config(None, run_overrides(tiny_model("llama"), alpaca_file, tmp_path / "out",
+                                          **{"train.offload_activations": True, "train.max_steps": 2}))
+    tr = Trainer(cfg, out=said.append)
+    res = tr.run()
+    assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
+    lines = [m for m in said if "offload_activations" in m]
+    assert lines == ["train.offload_activations: needs CUDA; ignored on cpu"], said
+    assert tr.offload.mover is None and tr.offload.stats == OffloadStats()
+
+
+def test_offloader_builds_no_context_on_cpu():
+    said: list[str] = []
+    off = activation_offloader(False, torch.device("cpu"), said.append)
+    assert said == [] and off.mover is None
+    with off():
+        pass
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("ckpt", [False, True], ids=["no-ckpt", "ckpt"])
+def test_cuda_gradients_bit_identical(tiny_model, ckpt):
+    dev = torch.device("cuda")
+    model, batch = _lora_model(tiny_model, ckpt, True).to(dev), {k: v.to(dev) for k, v in _batch().items()}
+    loss_fn = lambda m, b: fused_loss_sum(m, b, torch.bfloat16, dev, chunk_tokens=16, use_liger=False)  # noqa: E731
+    _, ref = _grads(model, batch, loss_fn)
+    hooks = OffloadActivations(CudaMover(dev), min_bytes=0, prefetch_bytes=1 << 16, max_inflight_bytes=1 << 16)
+    _, got = _grads(model, batch, loss_fn, hooks)
+    torch.cuda.synchronize()
+    assert hooks.stats.moved_bytes > 0 and hooks.stats.fetched_bytes > 0
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
