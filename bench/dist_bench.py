@@ -42,6 +42,9 @@ def main() -> None:
     ap.add_argument("--pin-cpus", action="store_true", help="pin each rank to its share of this machine's cores")
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--keep-strategy", action="store_true",
+                    help="one process: run --strategy as given (FSDP2 / ZeRO-3 on one rank) instead of none")
+    ap.add_argument("--set", nargs="*", default=[], help="extra shardtune overrides key=value")
     ap.add_argument("--profile", default="", help="also write a torch.profiler trace of 2 steps (rank 0) here")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -72,9 +75,15 @@ def main() -> None:
 
     from shardtune.config import load_config
     from shardtune.train.loop import Trainer
+    if world == 1 and args.keep_strategy and not dist.is_initialized():  # one-rank FSDP2 / ZeRO-3 need a group
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     data = Path(f"/tmp/bench-data-{rank}.jsonl")
     data.write_text("".join(json.dumps({"text": f"sample {i}"}) + "\n" for i in range(64)))
-    strategy = "none" if world == 1 and args.strategy in ("fsdp", "ddp") else args.strategy
+    strategy = "none" if world == 1 and args.strategy in ("fsdp", "ddp") and not args.keep_strategy else args.strategy
     ov = [f"model.name_or_path={model_dir}", f"model.random_init={args.random}", f"data.path={data}",
           "data.format=text", f"data.max_seq_len={args.seq}", f"train.method={args.method}",
           f"train.micro_batch_size={args.mb}", f"train.grad_accum={args.accum}",
@@ -85,7 +94,7 @@ def main() -> None:
           "output.plot=false", "lora.rank=16", "lora.alpha=32", "train.warmup_steps=0",
           f"parallel.strategy={strategy}", f"parallel.zero_stage={args.zero_stage}",
           f"parallel.offload_optimizer={args.offload}", f"parallel.offload_param={args.offload}",
-          f"parallel.fsdp_layers_per_unit={args.layers_per_unit}"]
+          f"parallel.fsdp_layers_per_unit={args.layers_per_unit}"] + list(args.set)
     cfg = load_config(None, ov)
     t0 = time.time()
     tr = Trainer(cfg, out=lambda m: print(m, flush=True), time_steps=True)

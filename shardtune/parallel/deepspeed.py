@@ -46,8 +46,10 @@ class DeepSpeedEngine(Engine):
 
     @property
     def local_module_params(self) -> bool:
+        """Under ZeRO-3 a module's parameters are gathered by its own hooks, unless a decoder layer above it is a
+        leaf (parallel.zero3_leaf_layers): then the whole layer is gathered on entry, children included."""
         from shardtune.parallel.dsconfig import zero_stage
-        return zero_stage(self.cfg) != 3
+        return zero_stage(self.cfg) != 3 or bool(self.cfg.parallel.zero3_leaf_layers)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         """Convert the 4-bit layers for stage 3 and resolve the DeepSpeed config; `deepspeed.initialize` runs in
@@ -66,6 +68,8 @@ class DeepSpeedEngine(Engine):
         self.stage = zero_stage(self.cfg)
         if self.stage == 3:  # first: the persistence threshold depends on the converted layers' constants
             make_shardable(model, weight_dtype=self.compute_dtype)
+            if self.cfg.parallel.zero3_leaf_layers:
+                _decoder_layers_as_leaves(model)
         ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
                                          hidden_size=_hidden_size(model), total_steps=self.total_steps,
                                          min_quant_numel=_min_quant_numel(model) if self.stage == 3 else None)
@@ -154,3 +158,16 @@ class DeepSpeedEngine(Engine):
     def local_param_bytes(self) -> int:
         # ZeRO-3: the partition (ds_tensor), wherever it lives (GPU or offloaded); ZeRO-2: the full replica
         return sum(tensor_local_bytes(p) for p in self.ds.module.parameters())
+
+
+def _decoder_layers_as_leaves(model: nn.Module) -> int:
+    """Mark each decoder layer a ZeRO-3 leaf: DeepSpeed then registers its gather/release hooks on the layer alone
+    and fetches all of the layer's parameters (4-bit weights, norms, LoRA) in one go, instead of running hooks and a
+    fetch for each of its ~40 submodules. Checkpoint recompute runs inside the layer's backward, after the
+    pre-backward hook has gathered the layer again."""
+    from deepspeed.utils import set_z3_leaf_module
+    from shardtune.parallel.fsdp import decoder_layers
+    layers = decoder_layers(model)
+    for layer in layers:
+        set_z3_leaf_module(layer, True)
+    return len(layers)

@@ -115,11 +115,12 @@ def test_fused_keeps_fewer_activation_bytes(tiny_model):
     assert less < 0.8 * plain, (plain, less)
 
 
-@pytest.mark.parametrize("stage,local", [(2, True), (3, False)])
-def test_zero3_engine_keeps_peft_forward(stage, local):
+@pytest.mark.parametrize("stage,leaf,local", [(2, False, True), (3, True, True), (3, False, False)])
+def test_zero3_per_module_gathers_keep_peft_forward(stage, leaf, local):
     from shardtune.config import load_config
     from shardtune.parallel.deepspeed import DeepSpeedEngine
     from shardtune.parallel.base import DistInfo
-    cfg = load_config(None, ["parallel.strategy=deepspeed", f"parallel.zero_stage={stage}"])
+    cfg = load_config(None, ["parallel.strategy=deepspeed", f"parallel.zero_stage={stage}",
+                             f"parallel.zero3_leaf_layers={leaf}"])
     eng = DeepSpeedEngine(cfg, DistInfo(0, 1, 0), torch.device("cpu"), torch.float32)
     assert eng.local_module_params is local
