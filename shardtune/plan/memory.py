@@ -160,6 +160,7 @@ class StepBytes:
     grads_layer: float       # gradients alive during one layer's backward
     grads_prev: float        # earlier micro steps' gradients (accumulation)
     gathered: float          # unsharded parameters being used (FSDP2, ZeRO-3)
+    output_kept: float = 0.0  # fp32 logits of a model output the loop keeps through backward (TrainSetup.keeps_output)
 
 
 def step_bytes(shape: ModelShape, setup: TrainSetup, t: TrainableBytes, gathered: float, c: PlanConstants) -> StepBytes:
@@ -179,7 +180,8 @@ def step_bytes(shape: ModelShape, setup: TrainSetup, t: TrainableBytes, gathered
                      loss=loss_peak_bytes(shape, setup, c), loss_fwd=loss_forward_bytes(shape, setup, c),
                      transient=backward_transient_bytes(shape, setup, c), grads_gpu=grads_gpu,
                      grads_layer=grads_gpu / L if setup.method == "full" else grads_gpu,
-                     grads_prev=grads_accum if setup.grad_accum > 1 else 0.0, gathered=gathered)
+                     grads_prev=grads_accum if setup.grad_accum > 1 else 0.0, gathered=gathered,
+                     output_kept=4.0 * tokens * shape.vocab if setup.keeps_output else 0.0)
 
 
 @dataclass(frozen=True)
@@ -216,14 +218,16 @@ def autocast_copies(shape: ModelShape, setup: TrainSetup) -> AutocastCopies:
 def phase_bytes(phase: str, static: float, s: StepBytes, casts: float) -> tuple[float, dict[str, float]]:
     """(allocated bytes, the components above `static` for display) at one candidate peak."""
     if phase == "loss backward":       # start of backward: every saved tensor + the cross-entropy backward spike
-        total = static + s.saved_fwd + s.shared + s.loss + s.grads_prev + s.gathered + casts
-        parts = {GRADS: s.grads_prev, "activations": s.saved_fwd + s.shared, "logits / loss": s.loss,
+        total = static + s.saved_fwd + s.shared + s.loss + s.output_kept + s.grads_prev + s.gathered + casts
+        parts = {GRADS: s.grads_prev, "activations": s.saved_fwd + s.shared, "logits / loss": s.loss + s.output_kept,
                  "autocast weight copies": casts}
     elif phase == "layer backward":    # the last layer's activations (recomputed with checkpointing) + transients
         grads = max(s.grads_prev, s.grads_layer)
-        total = static + s.saved_bwd + s.shared + s.transient + s.gathered + grads + casts
+        total = static + s.saved_bwd + s.shared + s.transient + s.gathered + grads + casts + s.output_kept
         parts = {GRADS: grads, "activations": s.saved_bwd + s.shared, "backward transients": s.transient,
                  "autocast weight copies": casts}
+        if s.output_kept:
+            parts["logits / loss"] = s.output_kept
     elif phase == "optimizer step":    # all gradients + states (activations freed)
         return static + s.grads_gpu, {GRADS: s.grads_gpu}
     else:                              # end of forward: logits and the fp32 loss tensors
@@ -235,13 +239,19 @@ def phase_bytes(phase: str, static: float, s: StepBytes, casts: float) -> tuple[
     return total, parts
 
 
-def reserved_bytes(peak_allocated: float, s: StepBytes, setup: TrainSetup, c: PlanConstants) -> float:
-    """torch's reserved memory at the peak: the caching allocator's slack on top of the allocated bytes."""
-    reserved = (peak_allocated * (1 + c.alloc_frag_frac) + c.alloc_frag_layer_frac * s.act_layer * setup.tokens
-                + c.alloc_frag_min_bytes)
-    if setup.strategy in ("fsdp", "deepspeed") and setup.world_size > 1:
-        reserved += c.shard_slack_bytes + c.shard_slack_loss_frac * s.loss
-    return reserved
+def reserved_bytes(peak_allocated: float, s: StepBytes, setup: TrainSetup, c: PlanConstants) -> tuple[float, float]:
+    """torch's reserved memory at the peak: (held, with room). `held`: the allocated bytes plus the split blocks
+    the caching allocator cannot give back (free space inside segments that still hold live tensors, growing with
+    the per-layer tensors it recycles). `with room`: plus the sharded engines' extra cache (whole segments freed by
+    the collectives' streams and by the loss spike), which the allocator keeps only while the device has room:
+    when cudaMalloc fails it releases every free cached segment and retries (CUDACachingAllocator's
+    release_cached_blocks) before it raises out-of-memory."""
+    held = (peak_allocated * (1 + c.alloc_frag_frac) + c.alloc_frag_layer_frac * s.act_layer * setup.tokens
+            + c.alloc_frag_min_bytes)
+    room = held
+    if (setup.strategy in ("fsdp", "deepspeed") or setup.fsdp_no_shard) and setup.world_size > 1:
+        room += c.shard_slack_bytes + c.shard_slack_loss_frac * s.loss
+    return held, room
 
 
 def fixed_device_bytes(setup: TrainSetup, c: PlanConstants) -> int:
@@ -327,9 +337,12 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
         peak_phase = max(phases, key=phases.get)
         peak_alloc = phases[peak_phase]
         gpu.update(parts[peak_phase])
-        reserved = reserved_bytes(peak_alloc, s, setup, c)
+        held, room = reserved_bytes(peak_alloc, s, setup, c)
+        # the releasable cache stops growing at the device (or the cap): reserved is then what is left of it
+        limit = hw.gpu_memory_bytes - (0 if capped else fixed)
+        reserved = max(held, min(room, limit))
         device_total = reserved + fixed
-        over = (reserved if capped else device_total) - hw.gpu_memory_bytes
+        over = (held if capped else held + fixed) - hw.gpu_memory_bytes
         if paged_out or over <= 0 or not setup.optimizer.startswith("paged"):
             break
         # bitsandbytes' paged optimizers keep their states in unified memory: under pressure the driver pages them
@@ -339,6 +352,10 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     gpu["CUDA context + NCCL"] = fixed
     notes = ["per-process cap: only torch's reserved memory counts against it (context/NCCL lie outside)"] if capped \
         else []
+    if room > reserved:
+        notes.append(f"the allocator's releasable cache ({(room - held) / GiB:.1f} GiB with room) is given back at "
+                     f"the {'cap' if capped else 'device limit'}: reserved stops there "
+                     f"({(reserved - held) / GiB:.1f} GiB of it kept)")
     if paged_out:
         notes.append(f"paged optimizer: {paged_out / GiB:.1f} GiB of its states paged to CPU memory at the peak "
                      "(they move back and forth each step: slower)")

@@ -65,6 +65,13 @@ class TrainSetup:
     # hf only: prepare_model_for_kbit_training casts non-quantized parameters to fp32; peft skips that cast for
     # GPTQ-quantized models (Qwen's Q-LoRA), so a GPTQ base keeps its bf16 norms, embeddings and residual stream
     kbit_upcast: bool = True
+    # hf only: the training loop holds the model output until backward is done (Answer.AI's train.py keeps
+    # `output = model(...)` until after `loss.backward()`; HF Trainer's compute_loss returns only the loss), so
+    # its fp32 logits stay alive through every backward phase: +4 B per logit (tests/plan/test_plan_hf_loss.py)
+    keeps_output: bool = False
+    # hf only, strategy ddp: FSDP's NO_SHARD strategy (Answer.AI's "DDP"), replicas run through FSDP's flat
+    # parameters, streams and hooks instead of DistributedDataParallel: the sharded engines' allocator cache applies
+    fsdp_no_shard: bool = False
     # data.packing: rows carry position_ids that restart per sample and transformers builds a block-diagonal bool
     # mask from them; SDPA's masked path then repeats K/V to the query heads and keeps an additive mask per layer
     packed: bool = False
@@ -87,6 +94,10 @@ class TrainSetup:
             raise ConfigError(f"parallel.zero_stage={self.zero_stage!r}; allowed: 2 | 3")
         if self.stack not in STACKS:
             raise ConfigError(f"--stack {self.stack!r}; allowed: {' | '.join(STACKS)}")
+        if (self.keeps_output or self.fsdp_no_shard) and self.stack != "hf":
+            raise ConfigError("keeps_output / fsdp_no_shard describe another training stack: --stack hf profiles only")
+        if self.fsdp_no_shard and self.strategy != "ddp":
+            raise ConfigError("fsdp_no_shard is FSDP's NO_SHARD strategy: plan it with parallel.strategy=ddp")
         if self.lora_dtype not in ("fp32", "bf16") or (self.lora_dtype != "fp32" and self.stack != "hf"):
             raise ConfigError(f"--lora-dtype {self.lora_dtype!r}: shardtune trains LoRA in fp32; bf16 LoRA weights "
                               "are a --stack hf profile (the QLoRA paper's script)")

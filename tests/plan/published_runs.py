@@ -12,7 +12,9 @@ from shardtune.hardware import GiB, parse_gpus
 from shardtune.plan import estimate
 
 QL = {"stack": "hf", "lora_dtype": "bf16", "optimizer": "paged_adamw_32bit"}   # qlora.py of the QLoRA paper
-AA = {"stack": "hf", "lora_dtype": "bf16", "optimizer": "adamw"}               # fsdp_qlora train.py, bf16
+# fsdp_qlora train.py, bf16; its loop keeps `output` until after loss.backward() (fp32 logits alive in backward)
+AA = {"stack": "hf", "lora_dtype": "bf16", "optimizer": "adamw", "keeps_output": True}
+AA_NO_SHARD = {**AA, "fsdp_no_shard": True}   # its "DDP": FSDP with ShardingStrategy.NO_SHARD
 GUANACO = ["train.method=qlora", "lora.rank=64", "lora.dropout=0.05", "data.max_seq_len=528",
            "train.micro_batch_size=1", "train.gradient_checkpointing=true", "train.precision=bf16"]
 AA_COMMON = ["lora.rank=64", "lora.dropout=0.1", "train.gradient_checkpointing=true", "train.precision=bf16",
@@ -36,8 +38,8 @@ CASES = [
     ("AA", "Llama-2-7B, 2x3090, FSDP qlora bs10 ctx 2048", "Llama-2-7B", "2xRTX3090", _aa("qlora", "fsdp", 10), AA, 20.97),
     ("AA", "Llama-2-7B, 2x3090, FSDP lora bs4 ctx 2048", "Llama-2-7B", "2xRTX3090", _aa("lora", "fsdp", 4), AA, 16.14),
     ("AA", "Llama-2-7B, 2x3090, FSDP lora bs6 ctx 2048", "Llama-2-7B", "2xRTX3090", _aa("lora", "fsdp", 6), AA, 21.35),
-    ("AA", "Llama-2-7B, 2x4090, \"DDP\" qlora bs8 ctx 2048", "Llama-2-7B", "2xRTX4090", _aa("qlora", "ddp", 8), AA, 20.94),
-    ("AA", "Llama-2-7B, 2x4090, \"DDP\" lora bs4 ctx 2048", "Llama-2-7B", "2xRTX4090", _aa("lora", "ddp", 4), AA, 22.04),
+    ("AA", "Llama-2-7B, 2x4090, \"DDP\" qlora bs8 ctx 2048", "Llama-2-7B", "2xRTX4090", _aa("qlora", "ddp", 8), AA_NO_SHARD, 20.94),
+    ("AA", "Llama-2-7B, 2x4090, \"DDP\" lora bs4 ctx 2048", "Llama-2-7B", "2xRTX4090", _aa("lora", "ddp", 4), AA_NO_SHARD, 22.04),
     ("AA", "Llama-2-7B, 2x4090, FSDP offload lora bs10 ctx 2048", "Llama-2-7B", "2xRTX4090",
      _aa("lora", "fsdp", 10, True), AA, 22.69),
     ("AA", "Llama-2-7B, 2x4090, FSDP offload qlora bs12 ctx 2048", "Llama-2-7B", "2xRTX4090",
