@@ -48,6 +48,7 @@ class CudaMover:
             raw.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
+        raw.record_stream(self.stream)  # freed early (a backward that raised): not reused before the copy lands
         return raw, done
 
     def done(self, event) -> bool:
