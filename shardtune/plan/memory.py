@@ -145,6 +145,9 @@ def static_gpu_bytes(setup: TrainSetup, w: WeightBytes, t: TrainableBytes, c: Pl
 
 # ------------------------------------------------------------------------------------------------ activations
 
+ACT_OFFLOAD_WINDOW = 2 ** 30  # shardtune/train/offload.py: max_inflight_bytes and prefetch_bytes
+
+
 @dataclass(frozen=True)
 class StepBytes:
     """Per-GPU bytes that come and go within a step, the terms the phases combine."""
@@ -172,6 +175,11 @@ def step_bytes(shape: ModelShape, setup: TrainSetup, t: TrainableBytes, gathered
         saved_bwd = saved_fwd + act_layer * tokens
     else:
         saved_fwd = saved_bwd = (act_layer * L - first_layer_discount_per_token(shape, setup, c)) * tokens
+    if setup.offload_activations:
+        # what stays on the GPU: copies in flight in the forward and prefetched ones in backward (offload.py's
+        # windows, 1 GiB each), never more than what would have been saved
+        saved_fwd = min(saved_fwd, ACT_OFFLOAD_WINDOW)
+        saved_bwd = min(saved_bwd, 2 * ACT_OFFLOAD_WINDOW + act_layer * tokens)
     grads_gpu = 0.0 if offloads_states(setup) else t.grads
     # without a gradient sync between micro steps FSDP2 keeps the unsharded gradients (LoRA: small)
     grads_accum = 4 * t.params if (setup.strategy == "fsdp" and setup.grad_accum > 1) else grads_gpu

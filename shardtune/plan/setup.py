@@ -78,6 +78,9 @@ class TrainSetup:
     # train.fused_lora: LoRA's dropout regenerated in backward (shardtune/model/lora_fused.py): lora_A keeps the
     # input it shares with the base linears instead of its own dropped-out copy and mask
     fused_lora: bool = False
+    # train.offload_activations: saved activations go to pinned CPU memory in forward and come back for backward
+    # (shardtune/train/offload.py), each byte over PCIe once each way
+    offload_activations: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -228,6 +231,7 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         grad_ckpt=bool(t.gradient_checkpointing), ckpt_layers=int(getattr(t, "checkpoint_layers", None) or 0),
         fused_lora=bool(getattr(t, "fused_lora", False)) and t.method != "full" and not (stack or {}).get("stack")
         and not (strategy == "deepspeed" and int(p.zero_stage) == 3),
+        offload_activations=bool(getattr(t, "offload_activations", False)),
         precision=resolve_precision(t.precision, on_gpu=True, gpu_bf16=hw.gpu.bf16, gpu_name=hw.gpu.name),
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,

@@ -62,6 +62,16 @@ def flops_per_token(shape: ModelShape, setup: TrainSetup) -> Flops:
     return Flops(fwd, bwd, rec, attention, lora)
 
 
+def activation_bytes_moved(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
+    """Saved-activation bytes of one micro batch that activation offloading moves each way: every non-recomputed
+    layer's saved tensors and every recomputed layer's input."""
+    from shardtune.plan.activations import checkpoint_bytes_per_token_layer
+    k = recomputed_layers(shape, setup)
+    per_token = (activation_bytes_per_token_layer(shape, setup, c) * (shape.layers - k)
+                 + checkpoint_bytes_per_token_layer(shape, setup) * k)
+    return per_token * setup.tokens
+
+
 def recompute_fraction(shape: ModelShape, setup: TrainSetup) -> float:
     """The share of decoder layers whose forward runs twice (train.checkpoint_layers of them; all with plain
     gradient checkpointing)."""
@@ -195,6 +205,11 @@ def predict_speed(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = D
         t_opt = p_local * c.optimizer_bytes_per_param / bw + c.optimizer_fixed_s
     t_opt += c.step_fixed_s
 
+    if setup.offload_activations:
+        # every saved byte crosses PCIe once in the forward (device to host) and once in backward; each direction
+        # overlaps its own pass (forward ~1/3 of the micro batch's compute, backward ~2/3)
+        moved = activation_bytes_moved(shape, setup, c)
+        t_offload_micro += (max(0.0, moved / pcie - micro_compute / 3) + max(0.0, moved / pcie - 2 * micro_compute / 3))
     micro_s = micro_compute + exposed_micro + t_offload_micro
     accum = setup.grad_accum
     parts = {
