@@ -114,6 +114,9 @@ def test_plan_a_gguf_file_like_the_same_model_as_a_config(files, tmp_path, capsy
     # a directory plus model.gguf_file, as training accepts it
     rc3, d3 = _plan(["--model", str(tmp_path), f"model.gguf_file={files['qwen2'].name}", *args], capsys)
     assert rc3 == 0 and d3["memory"]["gpu"] == d["memory"]["gpu"]
+    rc4, d4 = _plan(["--model", str(files["qwen2"]), "--gpus", "1xRTX4090", "--seq", "256", "--auto", "--json"],
+                    capsys)   # the search reads the same header
+    assert rc4 == 0 and d4["auto"]["found"] and d4["model"]["name"] == "tiny-qwen2.Q8_0.gguf"
 
 
 def test_gguf_errors(files, tmp_path, monkeypatch):
