@@ -292,6 +292,7 @@ class MemoryEstimate:
     notes: list[str] = field(default_factory=list)
     ranks_per_node: int = 1
     offload: bool = False             # something lives in CPU memory: then the node's CPU RAM must be known
+    reserved_held: int = 0            # the part of peak_reserved the allocator cannot give back under pressure
 
     def fits(self, margin: float) -> bool:
         return self.usage_vs_budget <= (1 - margin) * self.budget and self.cpu_fits()
@@ -320,7 +321,8 @@ class MemoryEstimate:
                                       "layer_dense": self.weights.layer_dense, "root": self.weights.root},
                 "trainable_params": self.trainable_params,
                 "activation_bytes_per_token_layer": self.activation_per_token_layer,
-                "cpu_per_rank": self.cpu_total / max(1, self.ranks_per_node), "notes": list(self.notes)}
+                "cpu_per_rank": self.cpu_total / max(1, self.ranks_per_node), "notes": list(self.notes),
+                "reserved_held": self.reserved_held}
 
 
 
@@ -377,6 +379,7 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     return MemoryEstimate(
         gpu={k: int(v) for k, v in gpu.items()}, peak_allocated=int(peak_alloc), peak_reserved=int(reserved),
         device_total=int(device_total), usage_vs_budget=int(reserved if capped else device_total),
+        reserved_held=int(held),
         budget=int(hw.gpu_memory_bytes), peak_phase=peak_phase, phases={k: int(v) for k, v in phases.items()},
         cpu={k: int(v) for k, v in cpu.items()}, cpu_total=int(sum(cpu.values())), cpu_budget=cpu_budget,
         load_peak_cpu_per_rank=int(load_cpu), load_peak_gpu=int(load_gpu), weights=w, trainable_params=t.params,
