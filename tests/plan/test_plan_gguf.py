@@ -142,3 +142,13 @@ def test_cli_without_gguf_package_is_trainings_one_line_error(files, tmp_path):
     from shardtune.model.gguf import _INSTALL
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines == [f"error: reading a .gguf model needs the gguf package; {_INSTALL}"], r.stderr
+
+
+def test_reading_the_header_imports_neither_torch_nor_transformers(files):
+    code = ("import sys; from pathlib import Path; from shardtune.plan.gguf_shape import plan_shape; "
+            "from types import SimpleNamespace as N; "
+            f"s = plan_shape(N(name_or_path={str(files['qwen2'])!r}, gguf_file=None)); "
+            "assert s.layers == 3, s; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
