@@ -116,18 +116,34 @@ def _fills(slots: dict[str, list]) -> list[dict]:
 
 
 BUILTIN_HELDOUT = "builtin:toy-sql-heldout"
-HELDOUT_EVERY = 6  # every 6th value of a template with several values is held out, with all its paraphrases
+HELDOUT_EVERY = 6  # one value in 6 of each template with several values is held out, with all its paraphrases
+
+
+def _held_out_fills() -> set[tuple[int, int]]:
+    """(template index, fill index) pairs held out. The held-out position is shifted by the template's index, so each
+    template holds out different values; a pair is held out only if each of its values is trained on in another
+    template (a value no training record contains could not be produced, only guessed). Nothing else is used."""
+    candidates = {(t, k) for t, (_, _, slots) in enumerate(_TEMPLATES) for k, _ in enumerate(_fills(slots))
+                  if len(_fills(slots)) >= 3 and (k + t) % HELDOUT_EVERY == HELDOUT_EVERY // 2}
+    trained_in: dict[str, set[int]] = {}
+    for t, (_, _, slots) in enumerate(_TEMPLATES):
+        for k, fill in enumerate(_fills(slots)):
+            if (t, k) not in candidates:
+                for v in fill.values():
+                    trained_in.setdefault(str(v), set()).add(t)
+    return {(t, k) for t, k in candidates
+            if all(trained_in.get(str(v), set()) - {t} for v in _fills(_TEMPLATES[t][2])[k].values())}
 
 
 def _all_records() -> list[tuple[bool, dict]]:
     """(held out?, record) for every (template, value, paraphrase). A held-out (template, value) pair is held out with
     all its paraphrases, so its SQL never appears in training: the model must put a value it saw elsewhere into a
     structure it learned from other values. Templates with fewer than three values stay whole in training."""
+    held_out = _held_out_fills()
     out = []
-    for variants, sql, slots in _TEMPLATES:
-        fills = _fills(slots)
-        for k, fill in enumerate(fills):
-            held = len(fills) >= 3 and k % HELDOUT_EVERY == HELDOUT_EVERY // 2
+    for t, (variants, sql, slots) in enumerate(_TEMPLATES):
+        for k, fill in enumerate(_fills(slots)):
+            held = (t, k) in held_out
             for question in variants:
                 out.append((held, {"db_id": DB_ID, "instruction": INSTRUCTION, "input": question.format(**fill),
                                    "output": sql.format(**fill), "history": []}))
@@ -144,6 +160,12 @@ def toy_sql_records(seed: int = 0, heldout: bool = False) -> list[dict]:
     records = [r for held, r in _all_records() if held == heldout]
     random.Random(seed).shuffle(records)
     return records
+
+
+def scored_split(name: str) -> str:
+    """What `shardtune evaluate --data NAME` scores: for the built-in toy set, its held-out split (scoring the records
+    the quickstart trained on would measure memory, not the model); any other name unchanged."""
+    return BUILTIN_HELDOUT if name == BUILTIN_DATA else name
 
 
 def builtin_records(name: str, what: str = "data.path") -> list[dict]:

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
+from shardtune.builtin.toy_sql import scored_split
 from shardtune.errors import ConfigError, DataError
 from shardtune.eval.records import EvalRecord, looks_like_sql, read_records, to_eval_record
 from shardtune.eval.report import format_summary, format_worst
@@ -49,7 +50,7 @@ def evaluate(run_dir: str | Path | None, data_path: str | Path, limit: Optional[
         raise ConfigError(f"--metric {metric!r}; use one of {', '.join(METRICS)}")
     if limit is not None and limit < 1:
         raise ConfigError(f"--limit {limit}: must be >= 1")
-    data_name = str(data_path)
+    data_name = scored_split(str(data_path))  # builtin:toy-sql -> its held-out split
     raw = read_records(data_name)
     if limit is not None:
         raw = raw[:limit]
