@@ -6,9 +6,7 @@ so that every caller loads it through the same code path a user's checkpoint tak
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from pathlib import Path
 from typing import Iterable
 
@@ -27,12 +25,18 @@ ARCH_CONFIGS = {
 }
 
 
+# A word with its leading space, a run of punctuation with its leading space, or whitespace: one pre-token each.
+WORD_PATTERN = r" ?\w+| ?[^\w\s]+|\s+"
+
+
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template: str | None = CHATML_TEMPLATE,
-                    space_tokens: bool = False):
+                    space_tokens: bool = False, word_tokens: bool = False):
     """Train a byte-level BPE tokenizer on `corpus` and wrap it as a transformers fast tokenizer. space_tokens=True
     makes every space its own token, so a word has one token id wherever it stands (`from France?` and `= 'France'`
-    share it): the quickstart's model can then learn to copy values from the question into the SQL."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    share it). word_tokens=True splits before words (WORD_PATTERN) and, with a vocab_size above the corpus's word
+    count, makes every word of the corpus one token (`ĠFrance` after a space, `France` after a quote) at about half
+    the sequence length of space tokens; text outside the corpus still falls back to bytes."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -40,6 +44,10 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template:
     if space_tokens:
         tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="isolated"),
                                                      pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    if word_tokens:
+        tok.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
@@ -76,21 +84,23 @@ def build_tiny_model_dir(out_dir: str | Path, corpus: Iterable[str], arch: str =
 
 # The quickstart's model: sizes are multiples of 64 because bitsandbytes' CPU inference layout needs them.
 BUILTIN_SHAPE = dict(arch="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=768, space_tokens=True)
+                     num_key_value_heads=2, vocab_size=1024, word_tokens=True)
 
 
-def builtin_model_dir(corpus_texts: list[str]) -> Path:
-    """The quickstart's tiny Llama, built once into the cache and reused (keyed by its corpus and shape)."""
-    key = hashlib.sha256(json.dumps([corpus_texts, BUILTIN_SHAPE]).encode()).hexdigest()[:12]
-    root = Path(os.environ.get("SHARDTUNE_CACHE", Path.home() / ".cache" / "shardtune"))
-    out = root / f"tiny-llama-{key}"
-    if not (out / "config.json").exists() or not (out / "model.safetensors").exists():
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
-        build_tiny_model_dir(tmp, corpus_texts, **BUILTIN_SHAPE)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process built it first
-            import shutil
-            shutil.rmtree(tmp, ignore_errors=True)
-    return out
+def builtin_model_dir() -> Path:
+    """The quickstart's tiny Llama: the pretrained base shipped in shardtune/assets/tiny-llama (built once, offline,
+    by `python -m shardtune.builtin.pretrain_base`), after checking its files against the hashes in base.json."""
+    from shardtune.builtin.pretrain_base import ASSET_DIR, MANIFEST, file_hashes
+    from shardtune.errors import ModelError
+
+    rebuild = "reinstall shardtune, or rebuild it with `python -m shardtune.builtin.pretrain_base`"
+    manifest = ASSET_DIR / MANIFEST
+    if not manifest.is_file():
+        raise ModelError(f"builtin:tiny-llama: {manifest} is missing (an install without package data?); {rebuild}")
+    recorded = json.loads(manifest.read_text())["sha256"]
+    found = file_hashes(ASSET_DIR)
+    changed = sorted(name for name in set(recorded) | set(found) if recorded.get(name) != found.get(name))
+    if changed:
+        raise ModelError(f"builtin:tiny-llama: {', '.join(changed)} in {ASSET_DIR} missing or not the shipped file "
+                         f"(sha256 differs from base.json); {rebuild}")
+    return ASSET_DIR

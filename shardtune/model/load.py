@@ -61,8 +61,7 @@ def resolve_model_dir(mcfg) -> Path:
         if name != "builtin:tiny-llama":
             raise ModelError(f"model.name_or_path '{name}' is not a built-in model; the built-in one is builtin:tiny-llama")
         from shardtune.builtin.tiny_model import builtin_model_dir
-        from shardtune.builtin.toy_sql import builtin_corpus
-        return builtin_model_dir(builtin_corpus())
+        return builtin_model_dir()
     p = Path(name).expanduser()
     if p.exists():
         if not p.is_dir():

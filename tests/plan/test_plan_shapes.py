@@ -69,7 +69,7 @@ def test_builtin_tiny_llama_is_the_quickstart_shape():
     s = resolve_shape("builtin:tiny-llama")
     assert (s.hidden, s.layers, s.heads, s.kv_heads, s.intermediate, s.vocab) == (
         b["hidden_size"], b["num_hidden_layers"], b["num_attention_heads"], b["num_key_value_heads"],
-        b["intermediate_size"], b["vocab_size"]) == (128, 4, 4, 2, 384, 768)
+        b["intermediate_size"], b["vocab_size"]) == (128, 4, 4, 2, 384, 1024)
 
 
 def test_unknown_model_names_the_catalogue_and_how_to_add_one():
