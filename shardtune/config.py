@@ -87,8 +87,9 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~1/3 more compute)")
     checkpoint_layers: Optional[int] = _f(None, "with gradient_checkpointing: how many decoder layers recompute, "
                                                 "evenly spread (unset: all); fewer is faster and keeps more memory")
-    fused_lora: bool = _f(True, "LoRA's dropout is regenerated in backward instead of stored (same math, less "
-                                "activation memory); peft's own forward under DeepSpeed ZeRO-3, DoRA or several adapters")
+    fused_lora: bool = _f(False, "LoRA's dropout regenerated in backward instead of stored: same math, ~30% less "
+                                 "activation memory, ~8% slower without checkpointing (docs/benchmarks.md); plan.mode=auto "
+                                 "turns it on when that lets a faster setup fit. peft's forward under ZeRO-3, DoRA")
     offload_activations: bool = _f(False, "move saved activations to pinned CPU memory during forward and back "
                                           "for backward, on a side stream (CUDA only)")
     compile: bool = _f(False, "torch.compile each decoder layer (CUDA only; first steps compile)")

@@ -124,7 +124,9 @@ def config_overrides(s) -> list[str]:
             f"parallel.offload_optimizer={str(s.offload_optimizer).lower()}",
             f"parallel.offload_param={str(s.offload_param).lower()}",
             f"train.gradient_checkpointing={str(s.grad_ckpt).lower()}", f"train.micro_batch_size={s.micro_batch}",
-            f"train.grad_accum={s.grad_accum}"]
+            f"train.grad_accum={s.grad_accum}"] + (
+        [f"train.checkpoint_layers={s.ckpt_layers}"] if s.grad_ckpt and s.ckpt_layers else []) + (
+        ["train.fused_lora=true"] if s.fused_lora else [])
 
 
 def plan_dict(est: Estimate | None, suggestions: list[str], auto: dict | None = None) -> dict:

@@ -87,17 +87,19 @@ def candidates(base: TrainSetup, methods: list[str], world: int, gpus_per_node: 
     out = []
     ckpts = [(False, 0), (True, 0)] + [(True, k) for k in sorted({layers // 4, layers // 2, 3 * layers // 4})
                                        if 0 < k < layers]
+    # fused LoRA (less memory, more element-wise traffic) where the engine allows it: auto weighs both paths
+    lora_paths = (False, True) if base.stack == "shardtune" and base.lora_dropout > 0 else (False,)
     per_rank = global_batch // world
     for method in methods:
         for strategy, stage, off_opt, off_par in _strategies(world):
             fused = resolve_loss_path(fused_pref, model_type, liger)
-            for ckpt, ckpt_layers in ckpts:
+            for ckpt, ckpt_layers, fused_lora in [(a, b, fl) for a, b in ckpts for fl in lora_paths]:
                 for micro in _micro_batches(per_rank, max_micro):
                     out.append(base.replace(method=method, strategy=strategy, zero_stage=stage,
                                             offload_optimizer=off_opt, offload_param=off_par, world_size=world,
                                             gpus_per_node=gpus_per_node, micro_batch=micro,
                                             grad_accum=per_rank // micro, grad_ckpt=ckpt, ckpt_layers=ckpt_layers,
-                                            fused_loss=fused))
+                                            fused_loss=fused, fused_lora=fused_lora))
     return out
 
 
@@ -106,7 +108,7 @@ def _why_slower(best: Estimate, other: Estimate) -> str:
     a, b = best.setup, other.setup
     diffs = []
     for name, fmt in (("method", "{}"), ("strategy", "{}"), ("zero_stage", "zero {}"), ("grad_ckpt", "ckpt {}"),
-                      ("ckpt_layers", "ckpt layers {}"),
+                      ("ckpt_layers", "ckpt layers {}"), ("fused_lora", "fused lora {}"),
                       ("micro_batch", "micro {}"), ("offload_optimizer", "opt offload {}"),
                       ("offload_param", "param offload {}")):
         va, vb = getattr(a, name), getattr(b, name)

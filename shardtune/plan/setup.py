@@ -159,6 +159,7 @@ class TrainSetup:
         off_s = f" offload={'+'.join(off)}" if off else ""
         stack = f" stack=hf(lora {self.lora_dtype}, {self.optimizer})" if self.stack == "hf" else ""
         ckpt = ("on" if not self.ckpt_layers else f"{self.ckpt_layers} layers") if self.grad_ckpt else "off"
+        ckpt += " fused-lora" if self.fused_lora else ""
         return (f"{self.method} {s} x{self.world_size}{off_s} ckpt={ckpt} "
                 f"micro={self.micro_batch} accum={self.grad_accum} seq={self.seq_len}{stack}")
 
@@ -176,6 +177,8 @@ class TrainSetup:
             return "int8 (LLM.int8) weights cannot be sharded by fsdp/ZeRO-3; use qlora, or ddp/zero2"
         if self.optimizer != "adamw" and self.strategy == "fsdp":
             return "bitsandbytes 8-bit optimizers cannot step FSDP2's DTensor parameters; use train.optimizer=adamw"
+        if self.fused_lora and (self.method == "full" or (self.strategy == "deepspeed" and self.zero_stage == 3)):
+            return "fused LoRA needs LoRA weights gathered with their layer (not full fine-tuning, not ZeRO-3)"
         if self.optimizer != "adamw" and self.offload_optimizer:
             return "8-bit optimizers cannot run on offloaded (CPU) states; use train.optimizer=adamw"
         return None
@@ -251,6 +254,7 @@ def apply_setup(cfg, setup: TrainSetup):
     new.train.grad_accum = setup.grad_accum
     new.train.gradient_checkpointing = setup.grad_ckpt
     new.train.checkpoint_layers = setup.ckpt_layers or None
+    new.train.fused_lora = setup.fused_lora
     new.parallel.strategy = setup.strategy
     new.parallel.zero_stage = setup.zero_stage
     new.parallel.offload_optimizer = setup.offload_optimizer
@@ -264,6 +268,7 @@ def apply_setup(cfg, setup: TrainSetup):
 # TrainSetup field -> the config key apply_setup writes it to
 APPLIED_KEYS = {"method": "train.method", "micro_batch": "train.micro_batch_size", "grad_accum": "train.grad_accum",
                 "grad_ckpt": "train.gradient_checkpointing", "ckpt_layers": "train.checkpoint_layers",
+                "fused_lora": "train.fused_lora",
                 "strategy": "parallel.strategy",
                 "zero_stage": "parallel.zero_stage", "offload_optimizer": "parallel.offload_optimizer",
                 "offload_param": "parallel.offload_param", "seq_len": "data.max_seq_len"}

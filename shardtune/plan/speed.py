@@ -72,6 +72,17 @@ def activation_bytes_moved(shape: ModelShape, setup: TrainSetup, c: PlanConstant
     return per_token * setup.tokens
 
 
+def fused_lora_extra_bytes(shape: ModelShape, setup: TrainSetup) -> float:
+    """Extra memory traffic per token of fused LoRA over peft's dropout (model/lora_fused.py, counted by op, in
+    compute-dtype elements of every LoRA input): forward draws the mask (write 1), scales it (read 1, write 1) and
+    applies it (read 2, write 1) = 6; backward draws and scales it again (3), masks the input gradient (read 2, write
+    1) and rebuilds the dropped input for lora_A's gradient (read 2, write 1) = 9; peft's fused dropout kernel costs
+    2.5 forward (read, write, 1-byte mask) and 2.5 backward. A recomputed layer draws its forward masks again."""
+    per_elem = (6 + 9 - 5) + 6 * recompute_fraction(shape, setup)
+    targeted = shape.targeted_linears(setup.lora_targets)
+    return per_elem * setup.elem * sum(lin.in_features for lin in targeted) * shape.layers
+
+
 def recompute_fraction(shape: ModelShape, setup: TrainSetup) -> float:
     """The share of decoder layers whose forward runs twice (train.checkpoint_layers of them; all with plain
     gradient checkpointing)."""
@@ -161,6 +172,8 @@ def predict_speed(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = D
     elem_traffic = c.elementwise_traffic_liger if setup.kernels == "liger" else c.elementwise_traffic
     t_elem = elem_traffic * act * (1 + f) / bw
     t_lora = c.lora_traffic * fl.lora / (2 * max(setup.lora_rank, 1)) * e * T / bw if fl.lora else 0.0
+    if setup.fused_lora and setup.lora_dropout > 0:
+        t_lora += fused_lora_extra_bytes(shape, setup) * T / bw
     if setup.fused_loss == "liger":
         t_loss = c.flce_traffic_bytes_per_logit * T * shape.vocab / bw
     else:
