@@ -43,7 +43,10 @@ def test_toy_sql_fits_the_builtin_tokenizer():
     lengths = [len(x["input_ids"]) for x in s.train + s.val]
     assert max(lengths) <= 128
     first = s.train[0]
-    assert prompt_text(tok, first).startswith("<|im_start|>user\nCREATE TABLE singer")
+    assert prompt_text(tok, first).startswith("<|im_start|>user\n")
+    # most records carry the schema (each trained question also comes once without it, as `generate` is typed)
+    with_schema = sum(prompt_text(tok, x).startswith("<|im_start|>user\nCREATE TABLE singer") for x in s.train)
+    assert len(s.train) // 2 < with_schema < len(s.train)
     assert target_text(tok, first).startswith("SELECT ") and target_text(tok, first).endswith("<|im_end|>\n</s>")
     assert tok.tokenize("SELECT count(*) FROM singer WHERE")[:1] == ["SELECT"]
 
