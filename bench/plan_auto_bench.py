@@ -56,15 +56,19 @@ def run(args) -> dict:
     from shardtune.train.loop import Trainer
 
     cuda = torch.cuda.is_available()
-    model_dir = write_random_checkpoint(args.shape, Path(f"/tmp/plan-auto-{args.shape}"),
-                                        device="cuda" if cuda else "cpu")
+    if args.random:  # config.json + tokenizer only; weights drawn on the GPU chunk by chunk (model.random_init)
+        from bench.common import write_config_dir
+        model_dir = write_config_dir(args.shape, Path(f"/tmp/plan-auto-cfg-{args.shape}"))
+    else:
+        model_dir = write_random_checkpoint(args.shape, Path(f"/tmp/plan-auto-{args.shape}"),
+                                            device="cuda" if cuda else "cpu")
     _spider_tokenizer(model_dir, args.data)
     ov = [f"model.name_or_path={model_dir}", f"data.path={args.data}", "data.format=alpaca", "data.packing=true",
           f"data.max_seq_len={args.seq}", "data.val_fraction=0", "train.method=qlora",
           f"train.micro_batch_size={args.global_batch}", "train.grad_accum=1", f"train.max_steps={args.steps}",
           "train.eval_every=0", "train.log_every=1", "train.warmup_steps=0", "train.save_every=0",
           "plan.mode=auto", f"output.dir={args.workdir}", "output.overwrite=true", "output.report_to=none",
-          "output.plot=false"]
+          "output.plot=false", f"model.random_init={bool(args.random)}"]
     if args.gpus:
         ov.append(f"plan.gpus={args.gpus}")
     if not cuda:
@@ -93,7 +97,7 @@ def run(args) -> dict:
         "measured_device_total": (torch.cuda.mem_get_info()[1] - torch.cuda.mem_get_info()[0]) if cuda else None,
         "reserved_error": (m.peak_reserved / measured_reserved - 1) if measured_reserved else None,
         "under_usable": (measured_reserved <= est.usable_bytes) if measured_reserved else None,
-        "wall_s": round(wall, 1), "log": [ln for ln in lines if ln.startswith(("plan", "data", "kernels", "warn"))],
+        "wall_s": round(wall, 1), "alloc_conf": __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF"), "log": [ln for ln in lines if ln.startswith(("plan", "data", "kernels", "warn"))],
     }
     return res
 
@@ -110,6 +114,7 @@ def main(argv=None) -> int:
     r.add_argument("--steps", type=int, default=6)
     r.add_argument("--gpus", default="", help="plan.gpus (default: the GPUs torch sees)")
     r.add_argument("--workdir", default="/tmp/plan-auto-out")
+    r.add_argument("--random", action="store_true", help="no checkpoint: random weights built on the device")
     r.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     if args.cmd == "prep":
