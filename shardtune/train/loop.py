@@ -85,6 +85,9 @@ class Trainer:
         configure_threads(on_gpu=self.device.type == "cuda")
         self.dtype = resolve_precision(self.cfg.train, self.device)
         self.cfg = self._plan(self.cfg)
+        if self.estimate is not None and self.device.type == "cuda":  # auto: the margin stays free, cache included
+            from shardtune.train.budget import hold_to_budget
+            self.say(hold_to_budget(self.estimate.usable_bytes, self.device))
         self.strategy = resolve_strategy(self.cfg, self.dist.world_size)
 
     def _setup_output(self) -> None:
