@@ -32,3 +32,18 @@ def run_overrides(model_dir: Path, data: Path, out: Path, **extra) -> list[str]:
             "lora.rank": 8, "lora.alpha": 16}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
+
+
+def saved_activation_bytes(model, ids) -> int:
+    """Bytes autograd keeps for backward in one forward of `model` (distinct storages, parameters excluded)."""
+    import torch
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        if not isinstance(t, torch.nn.Parameter):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(input_ids=ids, labels=ids).loss
+    return sum(seen.values())

@@ -8,6 +8,8 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
+from support import saved_activation_bytes
+
 from shardtune.model.load import enable_checkpointing
 from shardtune.model.lora_fused import LoraDropoutMatmul, _keep_mask, fuse_lora
 
@@ -92,18 +94,6 @@ def test_dropout_replays_under_checkpointing_and_eval_is_peft(tiny_model):
     assert fused(input_ids=ids, labels=ids).loss.detach() != other  # dropout is live in training
 
 
-def _saved_bytes(model, ids) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss
-    return sum(seen.values())
-
 
 def test_fused_keeps_fewer_activation_bytes(tiny_model):
     model = _tiny_lora(tiny_model, 0.1)
@@ -111,7 +101,7 @@ def test_fused_keeps_fewer_activation_bytes(tiny_model):
     fuse_lora(fused)
     model.train(), fused.train()
     ids = torch.randint(3, 200, (4, 64))
-    plain, less = _saved_bytes(model, ids), _saved_bytes(fused, ids)
+    plain, less = saved_activation_bytes(model, ids), saved_activation_bytes(fused, ids)
     assert less < 0.8 * plain, (plain, less)
 
 

@@ -6,6 +6,8 @@ import copy
 
 import torch
 
+from support import saved_activation_bytes
+
 from shardtune.model.load import checkpointed_blocks, enable_checkpointing, spread
 
 
@@ -26,22 +28,9 @@ def test_some_layers_recompute_and_gradients_match(tiny_model):
     every = copy.deepcopy(base)
     assert enable_checkpointing(every) == 2  # unset: every layer
     # what autograd keeps: one recomputed layer keeps less than none, more than both
-    assert _saved_bytes(base, ids) > _saved_bytes(ckpt, ids) > _saved_bytes(every, ids)
+    assert saved_activation_bytes(base, ids) > saved_activation_bytes(ckpt, ids) > saved_activation_bytes(every, ids)
     for m in (base, ckpt):
         m.zero_grad()
         m(input_ids=ids, labels=ids).loss.backward()
     for (n, p), (_, q) in zip(base.named_parameters(), ckpt.named_parameters()):
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-7, msg=n)
-
-
-def _saved_bytes(model, ids) -> int:
-    seen: dict[int, int] = {}
-
-    def pack(t):
-        if not isinstance(t, torch.nn.Parameter):
-            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(input_ids=ids, labels=ids).loss
-    return sum(seen.values())
