@@ -1,4 +1,5 @@
-"""Tiny real-architecture models and tokenizers built locally (nothing downloaded): the quickstart's model and the tests'.
+"""Tiny real-architecture models and tokenizers, nothing downloaded: the tests' (built locally) and the quickstart's
+(shipped pretrained in shardtune/assets/tiny-llama, loaded by `builtin_model_dir` after a hash check).
 
 `build_tiny_model_dir` writes a genuine Hugging Face model directory (config.json, model.safetensors, tokenizer files)
 so that every caller loads it through the same code path a user's checkpoint takes.
@@ -82,7 +83,8 @@ def build_tiny_model_dir(out_dir: str | Path, corpus: Iterable[str], arch: str =
     return out
 
 
-# The quickstart's model: sizes are multiples of 64 because bitsandbytes' CPU inference layout needs them.
+# The quickstart's model (pretrain_base builds it): sizes are multiples of 64 because bitsandbytes' CPU inference
+# layout needs them; 1024 vocabulary rows hold the 931-entry word-level tokenizer.
 BUILTIN_SHAPE = dict(arch="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
                      num_key_value_heads=2, vocab_size=1024, word_tokens=True)
 

@@ -1,10 +1,10 @@
 """The bundled toy text-to-SQL set (`data.path: builtin:toy-sql`) and the corpus the built-in tokenizer is trained on.
 
 The records are generated, not shipped: question templates over three made-up tables, filled with a fixed set of
-values in a fixed order, so every install produces the same ~600 records. They use DB-GPT-Hub's text2sql record
-shape (db_id, instruction = schema + task, input = question, output = SQL, history) so the quickstart exercises
-the same format as real text-to-SQL data. Vocabulary and length are kept small on purpose: a 4-layer, 128-wide
-Llama trained from random weights must visibly lower its eval loss in ~60 CPU steps.
+values in a fixed order, so every install produces the same 1,184 training and 146 held-out records. They use
+DB-GPT-Hub's text2sql record shape (db_id, instruction = schema + task, input = question, output = SQL, history) so
+the quickstart exercises the same format as real text-to-SQL data. Vocabulary and length are kept small on purpose:
+the quickstart's 1M-parameter Llama learns the task in 300 CPU steps.
 """
 
 from __future__ import annotations
