@@ -29,7 +29,7 @@ def _f(default, help: str, **kw):
 
 @dataclass
 class ModelConfig:
-    name_or_path: str = _f(BUILTIN_MODEL, "local HF model directory, hub id, a .gguf file (dequantized once to a cached HF directory; pip install 'shardtune[gguf]'), or builtin:tiny-llama (built locally, nothing downloaded)")
+    name_or_path: str = _f(BUILTIN_MODEL, "local HF model directory, hub id, a .gguf file (dequantized once to a cached HF directory; pip install 'shardtune[gguf]'), or builtin:tiny-llama (ships with the package, nothing downloaded)")
     gguf_file: Optional[str] = _f(None, "name of a .gguf file inside the name_or_path directory (same as name_or_path=DIR/NAME.gguf)")
     trust_remote_code: bool = _f(False, "allow model code shipped with the checkpoint (needed by some architectures)")
     attn_implementation: str = _f("sdpa", "attention kernel: sdpa | eager | flash_attention_2")
