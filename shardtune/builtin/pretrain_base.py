@@ -117,7 +117,7 @@ def build_base(out_dir: Path = ASSET_DIR, log_every: int = 100, **overrides) -> 
         raise ValueError(f"{out_dir} holds files but no {MANIFEST}; pass an empty or new directory (or a base's)")
     tok = build_tokenizer(builtin_corpus(), vocab_size=s["tokenizer_vocab_limit"], word_tokens=True)
     shape = {**ARCH_CONFIGS[BUILTIN_SHAPE["arch"]],
-             **{k: v for k, v in BUILTIN_SHAPE.items() if k not in ("arch", "word_tokens")}}
+             **{k: v for k, v in BUILTIN_SHAPE.items() if k != "arch"}}
     if len(tok) > shape["vocab_size"]:
         raise ValueError(f"tokenizer has {len(tok)} entries, above BUILTIN_SHAPE's vocab_size {shape['vocab_size']}")
     cfg = AutoConfig.for_model(shape.pop("model_type"), max_position_embeddings=2048, bos_token_id=tok.bos_token_id,

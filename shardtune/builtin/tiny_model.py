@@ -31,20 +31,16 @@ WORD_PATTERN = r" ?\w+| ?[^\w\s]+|\s+"
 
 
 def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template: str | None = CHATML_TEMPLATE,
-                    space_tokens: bool = False, word_tokens: bool = False):
-    """Train a byte-level BPE tokenizer on `corpus` and wrap it as a transformers fast tokenizer. space_tokens=True
-    makes every space its own token, so a word has one token id wherever it stands (`from France?` and `= 'France'`
-    share it). word_tokens=True splits before words (WORD_PATTERN) and, with a vocab_size above the corpus's word
-    count, makes every word of the corpus one token (`ĠFrance` after a space, `France` after a quote) at about half
-    the sequence length of space tokens; text outside the corpus still falls back to bytes."""
+                    word_tokens: bool = False):
+    """Train a byte-level BPE tokenizer on `corpus` and wrap it as a transformers fast tokenizer. word_tokens=True
+    splits before words (WORD_PATTERN) and, with a vocab_size above the corpus's word count, makes every word of the
+    corpus one token (`ĠFrance` after a space, `France` after a quote), so a model can copy a value from a question
+    into SQL; text outside the corpus still falls back to bytes."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if space_tokens:
-        tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Split(" ", behavior="isolated"),
-                                                     pre_tokenizers.ByteLevel(add_prefix_space=False)])
     if word_tokens:
         tok.pre_tokenizer = pre_tokenizers.Sequence([
             pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="isolated"),
@@ -61,7 +57,7 @@ def build_tokenizer(corpus: Iterable[str], vocab_size: int = 512, chat_template:
 
 
 def build_tiny_model_dir(out_dir: str | Path, corpus: Iterable[str], arch: str = "llama", vocab_size: int = 512,
-                         seed: int = 0, max_position_embeddings: int = 2048, space_tokens: bool = False,
+                         seed: int = 0, max_position_embeddings: int = 2048, word_tokens: bool = False,
                          **overrides) -> Path:
     """Write a tiny randomly initialised `arch` model plus a tokenizer trained on `corpus` to `out_dir`."""
     import torch
@@ -69,7 +65,7 @@ def build_tiny_model_dir(out_dir: str | Path, corpus: Iterable[str], arch: str =
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(corpus, vocab_size=vocab_size, space_tokens=space_tokens)
+    tok = build_tokenizer(corpus, vocab_size=vocab_size, word_tokens=word_tokens)
     shape = dict(ARCH_CONFIGS[arch])
     shape.update(overrides)
     model_type = shape.pop("model_type")
@@ -86,7 +82,7 @@ def build_tiny_model_dir(out_dir: str | Path, corpus: Iterable[str], arch: str =
 # The quickstart's model (pretrain_base builds it): sizes are multiples of 64 because bitsandbytes' CPU inference
 # layout needs them; 1024 vocabulary rows hold the 931-entry word-level tokenizer.
 BUILTIN_SHAPE = dict(arch="llama", hidden_size=128, intermediate_size=384, num_hidden_layers=4, num_attention_heads=4,
-                     num_key_value_heads=2, vocab_size=1024, word_tokens=True)
+                     num_key_value_heads=2, vocab_size=1024)
 
 
 def builtin_model_dir() -> Path:
