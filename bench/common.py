@@ -94,3 +94,46 @@ def write_config_dir(shape: str, out: Path) -> Path:
     build_tokenizer([f"sample text {i}" for i in range(200)], vocab_size=300).save_pretrained(tmp)
     os.replace(tmp, out)  # other ranks wait for the directory to appear complete
     return out
+
+
+def peer_model(model_dir: str, method: str, ckpt: bool):
+    """The Hugging Face peer's model, as its users build it: bitsandbytes NF4 (double quantization, bf16 compute on
+    CUDA) for qlora, prepare_model_for_kbit_training, then peft LoRA r16/alpha 32/dropout 0.05 on all linears."""
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    cuda = torch.cuda.is_available()
+    qc = None
+    if method == "qlora":
+        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16 if cuda else torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qc,
+                                                 dtype=torch.bfloat16 if cuda else torch.float32,
+                                                 attn_implementation="sdpa", device_map={"": 0 if cuda else "cpu"})
+    if qc is not None:
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=ckpt)
+    return get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
+                                            task_type="CAUSAL_LM"))
+
+
+def step_timer(times: list):
+    """A Trainer callback appending each step's wall time (device-synchronized) to `times`."""
+    import time
+
+    import torch
+    from transformers import TrainerCallback
+
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    class Timer(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            sync()
+            self.t = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            sync()
+            times.append(time.perf_counter() - self.t)
+
+    return Timer()

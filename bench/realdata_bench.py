@@ -36,9 +36,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import write_random_checkpoint, SHAPES  # noqa: E402
+from bench.common import SHAPES, peer_model, step_timer, write_random_checkpoint  # noqa: E402
 from bench.plan_auto_bench import DEVDATA, SHARED_SPIDER, _spider_tokenizer, prep  # noqa: E402
-from bench.speed_bench import _cap, _cuda, _peak, _sync  # noqa: E402
+from bench.speed_bench import _cap, _cuda, _peak  # noqa: E402
 
 IGNORE = -100
 KEYS = {"ckpt", "mb", "liger", "method", "fused", "group", "cap"}
@@ -161,34 +161,12 @@ def _sampler_args(group: bool) -> dict:
 def run_peer(v: dict, a) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, DataCollatorForSeq2Seq, Trainer,
-                              TrainerCallback, TrainingArguments)
+    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
     _cap(v["cap"])
     samples, tok = unpacked_samples(a)
-    qc = None
-    if v["method"] == "qlora":
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16 if _cuda() else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(a.model_dir, quantization_config=qc,
-                                                 dtype=torch.bfloat16 if _cuda() else torch.float32,
-                                                 attn_implementation="sdpa", device_map={"": 0 if _cuda() else "cpu"})
-    if qc is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(v["ckpt"]))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = peer_model(a.model_dir, v["method"], bool(v["ckpt"]))
     n = a.steps + a.warmup
     times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            _sync()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync()
-            times.append(time.perf_counter() - self.t)
-
     rec = Recorder(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE, return_tensors="pt"))
     args = TrainingArguments(output_dir=f"{a.result}.out", per_device_train_batch_size=v["mb"], max_steps=n,
                              learning_rate=2e-4, bf16=_cuda(), use_cpu=not _cuda(),
@@ -199,7 +177,7 @@ def run_peer(v: dict, a) -> dict:
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=rec,
-            callbacks=[Timer()]).train()
+            callbacks=[step_timer(times)]).train()
     alloc, reserved = _peak()
     # batch k of the data loader is step k's (accelerate may collate one batch ahead at the end: ignored)
     return {"times": times[a.warmup:], "counts": rec.counts(a.warmup, a.steps), "peak_alloc": alloc,

@@ -24,7 +24,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import H100_BF16_CEILING, SHAPES, model_flops_per_token, random_samples, write_random_checkpoint  # noqa: E402
+from bench.common import (H100_BF16_CEILING, SHAPES, model_flops_per_token, peer_model, random_samples,  # noqa: E402
+                          step_timer, write_random_checkpoint)
 
 PEER_DEFAULT = "peer:ckpt=1,mb=2"
 
@@ -53,12 +54,6 @@ def _peak() -> tuple[float, float]:
     return torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9
 
 
-def _sync() -> None:
-    import torch
-    if _cuda():
-        torch.cuda.synchronize()
-
-
 def _cap(gb: float) -> None:
     import torch
     if gb and _cuda():
@@ -71,35 +66,13 @@ def _cap(gb: float) -> None:
 def run_peer(v: dict, model_dir: str, seq: int, steps: int, warmup: int) -> dict:
     import torch
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import (AutoModelForCausalLM, BitsAndBytesConfig, Trainer, TrainerCallback, TrainingArguments,
-                              default_data_collator)
+    from transformers import Trainer, TrainingArguments, default_data_collator
     _cap(v["cap"])
-    qc = None
-    if v["method"] == "qlora":
-        qc = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                bnb_4bit_compute_dtype=torch.bfloat16 if _cuda() else torch.float32)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=qc,
-                                                 dtype=torch.bfloat16 if _cuda() else torch.float32,
-                                                 attn_implementation="sdpa", device_map={"": 0 if _cuda() else "cpu"})
-    if qc is not None:
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=bool(v["ckpt"]))
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear",
-                                             task_type="CAUSAL_LM"))
+    model = peer_model(model_dir, v["method"], bool(v["ckpt"]))
     vocab = model.config.vocab_size
     n = v["mb"] * (steps + warmup)
     data = Dataset.from_list(random_samples(n, seq, vocab))
     times: list[float] = []
-
-    class Timer(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            _sync()
-            self.t = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kw):
-            _sync()
-            times.append(time.perf_counter() - self.t)
-
     args = TrainingArguments(output_dir="/tmp/peer-out", per_device_train_batch_size=v["mb"], max_steps=steps + warmup,
                              learning_rate=2e-4, bf16=_cuda(), use_cpu=not _cuda(), gradient_checkpointing=bool(v["ckpt"]),
                              optim="adamw_torch", logging_steps=1000, save_strategy="no", report_to=[],
@@ -108,7 +81,7 @@ def run_peer(v: dict, model_dir: str, seq: int, steps: int, warmup: int) -> dict
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
-            callbacks=[Timer()]).train()
+            callbacks=[step_timer(times)]).train()
     alloc, reserved = _peak()
     return {"times": times[warmup:], "peak_alloc": alloc, "peak_reserved": reserved}
 
