@@ -232,7 +232,8 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         offload_param=bool(p.offload_param), world_size=world, gpus_per_node=hw.gpus_per_node,
         micro_batch=t.micro_batch_size, seq_len=cfg.data.max_seq_len, grad_accum=t.grad_accum,
         grad_ckpt=bool(t.gradient_checkpointing), ckpt_layers=int(getattr(t, "checkpoint_layers", None) or 0),
-        fused_lora=bool(getattr(t, "fused_lora", False)) and t.method != "full" and not (stack or {}).get("stack")
+        fused_lora=bool(getattr(t, "fused_lora", False)) and t.method != "full"
+        and (stack or {}).get("stack", "shardtune") == "shardtune"
         and not (strategy == "deepspeed" and int(p.zero_stage) == 3),
         offload_activations=bool(getattr(t, "offload_activations", False)),
         precision=resolve_precision(t.precision, on_gpu=True, gpu_bf16=hw.gpu.bf16, gpu_name=hw.gpu.name),
