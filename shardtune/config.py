@@ -113,9 +113,9 @@ class ParallelConfig:
                                       "when two layers gather to <= 512 MiB, as 4-bit layers of 8B-13B models do)")
     deepspeed_config: Optional[str] = _f(None, "a DeepSpeed JSON to use as-is; 'auto' values are filled from this config")
     balance_tolerance: float = _f(0.15, "stop if any rank's parameter bytes differ from the mean by more than this")
-    zero3_leaf_layers: bool = _f(False, "deepspeed ZeRO-3, experimental: gather each decoder layer's parameters at "
-                                        "once (one hook per layer) instead of per submodule; fails in DeepSpeed "
-                                        "0.19.8's gradient reduce-scatter in our 2-rank CPU test")
+    zero3_leaf_layers: bool = _f(False, "deepspeed ZeRO-3: gather each decoder layer's parameters at once (one hook "
+                                        "per layer) instead of per submodule; needs gradient checkpointing; same "
+                                        "trajectory in the 2-rank CPU test, speed not yet measured on a GPU")
 
 
 @dataclass

@@ -69,6 +69,10 @@ class DeepSpeedEngine(Engine):
         if self.stage == 3:  # first: the persistence threshold depends on the converted layers' constants
             make_shardable(model, weight_dtype=self.compute_dtype)
             if self.cfg.parallel.zero3_leaf_layers:
+                if not self.cfg.train.gradient_checkpointing:
+                    raise ConfigError("parallel.zero3_leaf_layers=true needs train.gradient_checkpointing=true "
+                                      "(without recomputation DeepSpeed's backward reads released weights); "
+                                      "turn on checkpointing or set parallel.zero3_leaf_layers=false")
                 _decoder_layers_as_leaves(model)
         ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
                                          hidden_size=_hidden_size(model), total_steps=self.total_steps,
@@ -163,8 +167,9 @@ class DeepSpeedEngine(Engine):
 def _decoder_layers_as_leaves(model: nn.Module) -> int:
     """Mark each decoder layer a ZeRO-3 leaf: DeepSpeed then registers its gather/release hooks on the layer alone
     and fetches all of the layer's parameters (4-bit weights, norms, LoRA) in one go, instead of running hooks and a
-    fetch for each of its ~40 submodules. Checkpoint recompute runs inside the layer's backward, after the
-    pre-backward hook has gathered the layer again."""
+    fetch for each of its ~40 submodules. Only with gradient checkpointing: the recompute runs inside the layer's
+    backward, after the pre-backward hook has gathered the layer again; without it DeepSpeed 0.19.8's backward
+    reaches the layer's linears while their weights are released (2-rank CPU test: 'size of tensor a (0)')."""
     from deepspeed.utils import set_z3_leaf_module
     from shardtune.parallel.fsdp import decoder_layers
     layers = decoder_layers(model)

@@ -51,6 +51,10 @@ JOBS = {
     "ds2-qlora": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 2, **TWO}),
     "ds3-lora": ("lora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3, **TWO}),
     "ds3-qlora": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3, "train.save_every": 3, **TWO}),
+    # decoder layers as ZeRO-3 leaves (one gather per layer), which DeepSpeed 0.19.8 runs only with recomputation
+    "ds3-qlora-leaf-layers": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
+                                        "parallel.zero3_leaf_layers": True, "train.gradient_checkpointing": True,
+                                        **TWO}),
     "ds3-offload-lora": ("lora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
                                   "parallel.offload_optimizer": True, **TWO_ACCUM}),
     "ds3-offload-qlora": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
@@ -153,6 +157,9 @@ def two_rank(setup_paths):
         ov = {**COMMON, **JOBS[src][1], "train.method": JOBS[src][0]}
         jobs.append({"name": n, "overrides": ov, "signal_at": sig})
         jobs.append({"name": n + "-resume", "same_dir": n, "overrides": {**ov, "train.resume": True}})
+    jobs.append({"name": "ds3-leaf-layers-no-ckpt", "overrides": {**COMMON, **TWO, "train.method": "qlora",
+                                                                  "parallel.strategy": "deepspeed",
+                                                                  "parallel.zero3_leaf_layers": True}})
     jobs.append({"name": "ds-auto-json", "overrides": {**COMMON, **TWO_ACCUM, "train.method": "qlora",
                                                        "parallel.strategy": "deepspeed",
                                                        "parallel.deepspeed_config": str(ds_json)}})
@@ -190,6 +197,11 @@ def test_trajectory_matches_one_process(name, two_rank, reference):
     assert [v for _, v in r["eval_losses"]] == pytest.approx([v for _, v in ref["eval_losses"]], rel=RTOL)
     # the run actually learned something (so "equal" is not "both did nothing")
     assert ref["losses"][-1] < ref["losses"][0] - 0.05
+
+
+def test_zero3_leaf_layers_without_checkpointing_is_a_clear_error(two_rank):
+    err = two_rank["ds3-leaf-layers-no-ckpt"].get("error") or ""
+    assert "parallel.zero3_leaf_layers=true needs train.gradient_checkpointing=true" in err, err[-500:]
 
 
 @pytest.mark.parametrize("name", ["fsdp-qlora", "fsdp-qlora-1layer-units", "fsdp2-offload-qlora", "ds3-qlora",
