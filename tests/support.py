@@ -47,3 +47,12 @@ def saved_activation_bytes(model, ids) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(input_ids=ids, labels=ids).loss
     return sum(seen.values())
+
+
+def load_bench_module(name: str):
+    """bench/<name>.py imported by path (bench/ is scripts, not a package the tests install)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parents[1] / "bench" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod

@@ -111,6 +111,14 @@ def recomputed_layers(shape: ModelShape, setup: TrainSetup) -> int:
     return min(shape.layers, setup.ckpt_layers) if setup.ckpt_layers else shape.layers
 
 
+def saved_bytes_per_token(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
+    """Bytes all decoder layers keep per token at the end of the forward when some recompute: each recomputed
+    layer keeps only its input, the others everything."""
+    k = recomputed_layers(shape, setup)
+    return (checkpoint_bytes_per_token_layer(shape, setup) * k
+            + activation_bytes_per_token_layer(shape, setup, c) * (shape.layers - k))
+
+
 def checkpoint_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> int:
     """With per-layer checkpointing only each layer's input hidden state is kept."""
     return residual_elem(setup) * shape.hidden

@@ -17,7 +17,8 @@ from shardtune.model.shapes import ModelShape
 from shardtune.plan.activations import (FUSED_CHUNK_TOKENS, activation_bytes_per_token_layer,  # noqa: F401
                                         backward_transient_bytes, checkpoint_bytes_per_token_layer,
                                         first_layer_discount_per_token, loss_forward_bytes, loss_peak_bytes,
-                                        recomputed_layers, shared_activation_bytes_per_token)
+                                        recomputed_layers, saved_bytes_per_token,
+                                        shared_activation_bytes_per_token)
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.cpu_ram import (cpu_notes, load_peak_bytes, offloaded_cpu_bytes, offloads,  # noqa: F401
                                      offloads_params, offloads_states)
@@ -169,9 +170,8 @@ class StepBytes:
 def step_bytes(shape: ModelShape, setup: TrainSetup, t: TrainableBytes, gathered: float, c: PlanConstants) -> StepBytes:
     tokens, L = setup.tokens, shape.layers
     act_layer = activation_bytes_per_token_layer(shape, setup, c)
-    k = recomputed_layers(shape, setup)
-    if k:  # k layers keep only their input; the other L - k keep everything
-        saved_fwd = (checkpoint_bytes_per_token_layer(shape, setup) * k + act_layer * (L - k)) * tokens
+    if recomputed_layers(shape, setup):
+        saved_fwd = saved_bytes_per_token(shape, setup, c) * tokens
         saved_bwd = saved_fwd + act_layer * tokens
     else:
         saved_fwd = saved_bwd = (act_layer * L - first_layer_discount_per_token(shape, setup, c)) * tokens

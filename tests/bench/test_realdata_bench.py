@@ -3,22 +3,17 @@ per-step counts (samples, labelled / unlabelled real tokens, padding) add up and
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import random
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from support import load_bench_module
 
 
 @pytest.fixture(scope="module")
 def bench():
-    spec = importlib.util.spec_from_file_location("realdata_bench", REPO / "bench" / "realdata_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_module("realdata_bench")
 
 
 def spider_like(path: Path, n: int = 40) -> Path:

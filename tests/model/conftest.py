@@ -2,17 +2,10 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
-
-REPO = Path(__file__).resolve().parents[2]
+from support import load_bench_module
 
 
 @pytest.fixture(scope="session")
 def load_bench():
-    spec = importlib.util.spec_from_file_location("load_bench", REPO / "bench" / "load_bench.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_module("load_bench")
