@@ -111,8 +111,15 @@ def run_shardtune(v: dict, model_dir: str, seq: int, steps: int, warmup: int) ->
         torch.cuda.reset_peak_memory_stats()
     tr.run()
     alloc, reserved = _peak()
-    return {"times": tr.step_times[warmup:], "peak_alloc": alloc, "peak_reserved": reserved,
-            "kernels": tr.kernels, "fused": tr.fused, "fused_lora_layers": getattr(tr, "fused_lora", None)}
+    out = {"times": tr.step_times[warmup:], "peak_alloc": alloc, "peak_reserved": reserved,
+           "kernels": tr.kernels, "fused": tr.fused, "fused_lora_layers": getattr(tr, "fused_lora", None)}
+    if v["comp"]:
+        from torch._dynamo.utils import counters
+        out["compile_stats"] = {"unique_graphs": counters["stats"].get("unique_graphs", 0),
+                                "graph_breaks": dict(counters["graph_break"])}
+    if v["off"]:
+        out["offload_stats"] = tr.offload.stats.format()
+    return out
 
 
 def SHAPES_VOCAB(model_dir: str) -> int:
@@ -149,7 +156,7 @@ def summarise(v: dict, r: dict, shape: str, seq: int) -> dict:
                mfu_no_recompute=round(tps * model_flops_per_token(shape, seq, 0.0) / H100_BF16_CEILING, 4),
                peak_alloc_gb=round(r["peak_alloc"], 3), peak_reserved_gb=round(r["peak_reserved"], 3),
                step_times=[round(t, 4) for t in r["times"]])
-    for k in ("kernels", "fused", "fused_lora_layers"):
+    for k in ("kernels", "fused", "fused_lora_layers", "compile_stats", "offload_stats"):
         if k in r:
             row[k] = r[k]
     return row

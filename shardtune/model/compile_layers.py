@@ -20,6 +20,12 @@ def compile_layers(model: nn.Module, device, strategy: str) -> str:
     from shardtune.model.load import checkpointed_blocks
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     blocks = checkpointed_blocks(base)
+    import torch._dynamo
+    cfg = torch._dynamo.config
+    # one graph should serve every layer; if a layer's guards differ (an int attribute read in forward), each layer
+    # recompiles once, and past the default limit (8) dynamo would silently run the rest eagerly
+    name = "recompile_limit" if hasattr(cfg, "recompile_limit") else "cache_size_limit"
+    setattr(cfg, name, max(getattr(cfg, name), len(blocks) + 8))
     for block in blocks:
         block.compile(dynamic=False)
     return f"compile: {len(blocks)} decoder layers compiled with torch.compile (first steps compile)"

@@ -18,19 +18,63 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.multiprocessing.reductions import StorageWeakRef
 
 
+def pool_bucket(nbytes: int) -> int:
+    """The pinned buffer size that serves `nbytes`: rounded up to an eighth of its power of two (at most 12.5% more),
+    so buffers are reused across steps whose tensor sizes vary a little (packed rows)."""
+    if nbytes <= 1 << 16:
+        return 1 << 16
+    step = 1 << (nbytes.bit_length() - 4)
+    return -(-nbytes // step) * step
+
+
+class PinnedPool:
+    """Pinned host buffers kept across steps. Pinning memory (cudaHostAlloc) runs at a few GB/s, slower than the copy
+    it serves, so a buffer is pinned once and reused by every later step. Every use of a buffer is a copy on the
+    mover's one side stream, so stream order alone keeps a reused buffer from being overwritten while a copy reads it.
+    Free buffers beyond the most ever in use at once are let go."""
+
+    def __init__(self, allocate=None):
+        self.allocate = allocate or (lambda n: torch.empty(n, dtype=torch.uint8, pin_memory=True))
+        self.free: dict[int, list[torch.Tensor]] = {}
+        self.in_use = self.high_water = self.free_bytes = 0
+        self.pinned_bytes = 0  # every buffer ever allocated (for the stats line)
+
+    def get(self, nbytes: int) -> torch.Tensor:
+        size = pool_bucket(nbytes)
+        bucket = self.free.get(size)
+        if bucket:
+            buf = bucket.pop()
+            self.free_bytes -= size
+        else:
+            buf = self.allocate(size)
+            self.pinned_bytes += size
+        self.in_use += size
+        self.high_water = max(self.high_water, self.in_use)
+        return buf[:nbytes]
+
+    def put(self, view: torch.Tensor) -> None:
+        buf = view._base if view._base is not None else view
+        size = buf.numel()
+        self.in_use -= size
+        if self.free_bytes + self.in_use + size <= self.high_water:
+            self.free.setdefault(size, []).append(buf)
+            self.free_bytes += size
+
+
 class CudaMover:
     """Copies between one CUDA device and pinned host memory on a side stream; every copy returns an event that the
-    compute stream waits on before it uses (or frees) the device side."""
+    compute stream waits on before it uses (or frees) the device side. Host buffers come from a `PinnedPool`."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self.pool = PinnedPool()
 
     def accepts(self, t: torch.Tensor) -> bool:
         return t.device.type == "cuda"
 
     def to_host(self, raw: torch.Tensor):
-        host = torch.empty(raw.shape, dtype=torch.uint8, pin_memory=True)
+        host = self.pool.get(raw.numel())
         self.stream.wait_stream(torch.cuda.current_stream(raw.device))  # the activation is written before we read
         with torch.cuda.stream(self.stream):
             host.copy_(raw, non_blocking=True)
@@ -39,17 +83,22 @@ class CudaMover:
         return host, done
 
     def to_device(self, host: torch.Tensor):
+        # allocated on the side stream, so the copy starts at once (waiting for the compute stream here would queue
+        # every prefetch behind all backward work already queued); the block is marked as used by the compute stream,
+        # so it is not reused before compute's reads of it are done
         compute = torch.cuda.current_stream(self.device)
-        # allocated on the compute stream (its memory pool, reusable by compute after it is freed); the side stream
-        # waits for compute's earlier users of that block before writing into it
-        raw = torch.empty(host.shape, dtype=torch.uint8, device=self.device)
-        self.stream.wait_stream(compute)
         with torch.cuda.stream(self.stream):
+            raw = torch.empty(host.shape, dtype=torch.uint8, device=self.device)
             raw.copy_(host, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
-        raw.record_stream(self.stream)  # freed early (a backward that raised): not reused before the copy lands
+        raw.record_stream(compute)
         return raw, done
+
+    def release(self, host: torch.Tensor) -> None:
+        """The host copy is no longer needed: its buffer goes back to the pool (copies that still read it are queued
+        on the side stream ahead of any later use)."""
+        self.pool.put(host)
 
     def done(self, event) -> bool:
         return event.query()
@@ -219,7 +268,15 @@ class OffloadActivations(saved_tensors_hooks):
         return torch.empty(0, dtype=packed.dtype, device=raw.device).set_(
             raw.untyped_storage(), packed.offset, packed.size, packed.stride)
 
+    def _release_host(self, record: _Record) -> None:
+        if record.host is not None and hasattr(self.mover, "release"):
+            self.mover.release(record.host)
+        record.host = None
+
     def _fetch(self, record: _Record) -> None:
+        if record.host is None:
+            raise RuntimeError("train.offload_activations: a saved activation was read after its backward ended "
+                               "(a second backward through one forward); turn offloading off for this use")
         record.device_raw, record.event = self.mover.to_device(record.host)
         self.stats.fetched_bytes += record.nbytes
 
@@ -252,6 +309,7 @@ class OffloadActivations(saved_tensors_hooks):
             if r.device_raw is not None:  # prefetched and never used, or its last unpack never came
                 self.mover.wait(r.event)
                 r.device_raw = r.event = None
+            self._release_host(r)
             r.prefetched = False
         self._in_backward, self._ahead_bytes = False, 0
 

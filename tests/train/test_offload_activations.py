@@ -10,7 +10,8 @@ import torch
 from shardtune.config import load_config
 from shardtune.model.load import build_model
 from shardtune.train.loss import fused_loss_sum, logits_loss_sum
-from shardtune.train.offload import CudaMover, OffloadActivations, OffloadStats, activation_offloader
+from shardtune.train.offload import (CudaMover, OffloadActivations, OffloadStats, PinnedPool, activation_offloader,
+                                     pool_bucket)
 from support import run_overrides
 
 
@@ -41,6 +42,25 @@ class CloneMover:
 
     def wait(self, event):
         self.waits += 1
+
+
+class PoolMover(CloneMover):
+    """CloneMover whose host copies come from a PinnedPool over plain CPU memory, as the CUDA mover's do."""
+
+    def __init__(self):
+        super().__init__()
+        self.pool = PinnedPool(allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+        self.released: list[int] = []
+
+    def to_host(self, raw):
+        self.to_host_bytes.append(raw.numel())
+        host = self.pool.get(raw.numel())
+        host.copy_(raw)
+        return host, object()
+
+    def release(self, host):
+        self.released.append(host.data_ptr())
+        self.pool.put(host)
 
 
 def _lora_model(tiny_model, ckpt: bool, fused: bool):
@@ -168,6 +188,50 @@ def test_parameters_and_small_tensors_stay():
     assert s.kept_param_saves == 3           # lin's weight twice, frozen's once
     assert s.kept_small_bytes >= 1 << 10 and s.kept_partial_bytes == 16 << 10
     assert all(torch.equal(a, b) for a, b in zip(got, ref))
+
+
+def test_pool_buckets_round_up_by_at_most_an_eighth():
+    for n in (1, 65536, 65537, 1 << 20, (1 << 20) + 1, 3 * 10**8, 64 << 20):
+        b = pool_bucket(n)
+        assert n <= b <= max(1 << 16, n * 1.125), (n, b)
+    assert pool_bucket(100_000_000) == pool_bucket(100_000_001)  # near sizes share a bucket
+
+
+def test_pool_reuses_buffers_and_frees_beyond_its_high_water():
+    pool = PinnedPool(allocate=lambda n: torch.empty(n, dtype=torch.uint8))
+    first = [pool.get(n) for n in (300_000, 1 << 20, 1 << 20)]
+    assert first[0].numel() == 300_000 and pool.in_use == pool.high_water
+    ptrs = {t.data_ptr() for t in first}
+    for t in first:
+        pool.put(t)
+    allocated = pool.pinned_bytes
+    second = [pool.get(n) for n in (1 << 20, 300_001, 1 << 20)]   # the next step: no new pinned memory
+    assert pool.pinned_bytes == allocated and {t.data_ptr() for t in second} == ptrs
+    for t in second:
+        pool.put(t)
+    assert pool.free_bytes == pool.high_water
+    extra = pool.get(5 << 20)  # a size never seen: pinned anew
+    assert pool.pinned_bytes > allocated
+    pool.put(extra)
+    assert pool.free_bytes <= pool.high_water  # kept only within the most ever in use at once
+
+
+def test_host_copies_go_back_to_the_pool_after_backward_and_steps_reuse_them(tiny_model):
+    """Every host copy is released once, after backward (never during it, when a copy back may still read it), and
+    the second step pins no new memory; gradients stay bit-identical."""
+    model, batch = _lora_model(tiny_model, False, True), _batch()
+    _, ref = _grads(model, batch, LOSSES["logits"])
+    mover = PoolMover()
+    pinned = []
+    for _ in range(2):
+        mover.released.clear()
+        hooks = OffloadActivations(mover, min_bytes=0)
+        _, got = _grads(model, batch, LOSSES["logits"], hooks)
+        assert all(torch.equal(got[n], ref[n]) for n in ref)
+        assert len(mover.released) == hooks.stats.moved_storages == len(set(mover.released))
+        assert all(r.host is None for r in hooks._records)
+        pinned.append(mover.pool.pinned_bytes)
+    assert pinned[1] == pinned[0] and mover.pool.in_use == 0
 
 
 def test_cuda_mover_refuses_cpu_tensors():
