@@ -87,6 +87,11 @@ class TrainConfig:
     gradient_checkpointing: bool = _f(False, "recompute activations in backward (saves memory, costs ~1/3 more compute)")
     checkpoint_layers: Optional[int] = _f(None, "with gradient_checkpointing: how many decoder layers recompute, "
                                                 "evenly spread (unset: all); fewer is faster and keeps more memory")
+    checkpoint_policy: Literal["layer", "selective"] = _f("layer", "with gradient_checkpointing: what a recomputed "
+                                                           "layer keeps: layer (its input only) | selective (also its "
+                                                           "matmul and attention outputs; recomputes norms, activations, "
+                                                           "RoPE, dropout, dequantization, LoRA's B matmul); not under "
+                                                           "DeepSpeed ZeRO-3")
     fused_lora: bool = _f(False, "LoRA's dropout regenerated in backward instead of stored: same math, ~30% less "
                                  "activation memory, ~8% slower without checkpointing (docs/benchmarks.md); plan.mode=auto "
                                  "turns it on when that lets a faster setup fit. peft's forward under ZeRO-3, DoRA")
@@ -450,6 +455,10 @@ def validate(cfg: RunConfig) -> None:
     if cfg.parallel.fsdp_layers_per_unit < 0:
         raise ConfigError(f"parallel.fsdp_layers_per_unit: invalid value {cfg.parallel.fsdp_layers_per_unit}; "
                           "must be 0 (auto) or >= 1")
+    if (t.gradient_checkpointing and t.checkpoint_policy == "selective" and cfg.parallel.strategy == "deepspeed"
+            and cfg.parallel.zero_stage == 3):
+        raise ConfigError("train.checkpoint_policy=selective is not supported under DeepSpeed ZeRO-3 (untested with "
+                          "its per-module gathers); use train.checkpoint_policy=layer or parallel.strategy=fsdp")
     if isinstance(lora.target_modules, str) and lora.target_modules != "all-linear":
         lora.target_modules = [m.strip() for m in lora.target_modules.split(",") if m.strip()]
 

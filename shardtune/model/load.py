@@ -204,12 +204,17 @@ def add_lora(model: nn.Module, cfg) -> nn.Module:
     return model
 
 
-def enable_checkpointing(model: nn.Module, layers: int | None = None) -> int:
+def enable_checkpointing(model: nn.Module, layers: int | None = None, policy: str = "layer") -> int:
     """Recompute decoder layers in backward: all of them, or `layers` of them spread evenly over the depth (the peak
     holds every saved activation at the end of the forward, so which ones does not change it; spreading keeps the
-    recompute cost even across FSDP units). Returns how many layers recompute."""
+    recompute cost even across FSDP units). policy="selective": those layers keep their matmul and attention
+    outputs and recompute only the cheap ops (model/selective_checkpoint.py). Returns how many layers recompute."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if policy == "selective":
+        from shardtune.model.selective_checkpoint import context_fn, lora_small_k
+        kwargs["context_fn"] = context_fn(lora_small_k(model))
+    base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     base.config.use_cache = False
     blocks = checkpointed_blocks(base)
     if layers is None or layers >= len(blocks):
@@ -239,7 +244,7 @@ def build_model(cfg, model_dir: Path, device: torch.device, dtype: torch.dtype) 
     else:
         model = add_lora(model, cfg)
     if cfg.train.gradient_checkpointing:
-        enable_checkpointing(model, cfg.train.checkpoint_layers)
+        enable_checkpointing(model, cfg.train.checkpoint_layers, cfg.train.checkpoint_policy)
     return model
 
 

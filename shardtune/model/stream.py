@@ -48,7 +48,7 @@ def build_streamed_model(cfg, model_dir: Path, device: torch.device, dtype: torc
     else:
         model = add_lora_to_skeleton(model, cfg, device)
     if cfg.train.gradient_checkpointing:
-        enable_checkpointing(model, cfg.train.checkpoint_layers)
+        enable_checkpointing(model, cfg.train.checkpoint_layers, cfg.train.checkpoint_policy)
     if shard is not None:
         wrapped = shard(model)
         model = wrapped if wrapped is not None else model

@@ -113,15 +113,42 @@ def recomputed_layers(shape: ModelShape, setup: TrainSetup) -> int:
 
 def saved_bytes_per_token(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
     """Bytes all decoder layers keep per token at the end of the forward when some recompute: each recomputed
-    layer keeps only its input, the others everything."""
+    layer keeps only its input (or, with train.checkpoint_policy=selective, its input and its matmul and
+    attention outputs), the others everything."""
     k = recomputed_layers(shape, setup)
-    return (checkpoint_bytes_per_token_layer(shape, setup) * k
+    return (recomputed_layer_bytes_per_token(shape, setup) * k
             + activation_bytes_per_token_layer(shape, setup, c) * (shape.layers - k))
 
 
 def checkpoint_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> int:
     """With per-layer checkpointing only each layer's input hidden state is kept."""
     return residual_elem(setup) * shape.hidden
+
+
+def recomputed_layer_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> float:
+    """What one recomputed layer keeps per token under the setup's checkpoint policy."""
+    if setup.ckpt_policy == "selective":
+        return selective_bytes_per_token_layer(shape, setup)
+    return checkpoint_bytes_per_token_layer(shape, setup)
+
+
+def selective_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> float:
+    """With selective checkpointing (model/selective_checkpoint.py) a recomputed layer keeps its input, the output
+    of every base projection (q, k, v, o, gate, up, down: matmuls with K = hidden or intermediate), the attention
+    kernel's output and fp32 log-sum-exp per head, and each LoRA A output (rank r wide); LoRA's B matmul (K = r),
+    norms, activations, RoPE, dropout and dequantization are recomputed. LoRA ranks above the policy's SMALL_K_MAX
+    keep B's output too. Measured on CPU against the planner: tests/model/test_selective_checkpointing.py."""
+    from shardtune.model.selective_checkpoint import SMALL_K_MAX
+    e = setup.elem
+    out = checkpoint_bytes_per_token_layer(shape, setup)
+    out += e * sum(lin.out_features for lin in shape.linears)
+    out += e * shape.q_dim + 4 * shape.heads
+    if setup.method != "full":
+        targeted = shape.targeted_linears(setup.lora_targets)
+        out += e * setup.lora_rank * len(targeted)
+        if setup.lora_rank > SMALL_K_MAX:
+            out += e * sum(lin.out_features for lin in targeted)
+    return out
 
 
 def shared_activation_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> int:

@@ -49,6 +49,7 @@ class TrainSetup:
     grad_accum: int = 1
     grad_ckpt: bool = True
     ckpt_layers: int = 0                # with grad_ckpt: decoder layers recomputed (0 = all; train.checkpoint_layers)
+    ckpt_policy: str = "layer"          # with grad_ckpt: layer | selective (train.checkpoint_policy)
     precision: str = "bf16"             # compute dtype: bf16 | fp16 | fp32
     lora_rank: int = 16
     lora_targets: str | tuple[str, ...] = "all-linear"
@@ -232,6 +233,7 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         offload_param=bool(p.offload_param), world_size=world, gpus_per_node=hw.gpus_per_node,
         micro_batch=t.micro_batch_size, seq_len=cfg.data.max_seq_len, grad_accum=t.grad_accum,
         grad_ckpt=bool(t.gradient_checkpointing), ckpt_layers=int(getattr(t, "checkpoint_layers", None) or 0),
+        ckpt_policy=str(getattr(t, "checkpoint_policy", "layer")),
         fused_lora=bool(getattr(t, "fused_lora", False)) and t.method != "full"
         and (stack or {}).get("stack", "shardtune") == "shardtune"
         and not (strategy == "deepspeed" and int(p.zero_stage) == 3),
@@ -255,6 +257,7 @@ def apply_setup(cfg, setup: TrainSetup):
     new.train.grad_accum = setup.grad_accum
     new.train.gradient_checkpointing = setup.grad_ckpt
     new.train.checkpoint_layers = setup.ckpt_layers or None
+    new.train.checkpoint_policy = setup.ckpt_policy
     new.train.fused_lora = setup.fused_lora
     new.parallel.strategy = setup.strategy
     new.parallel.zero_stage = setup.zero_stage
@@ -269,6 +272,7 @@ def apply_setup(cfg, setup: TrainSetup):
 # TrainSetup field -> the config key apply_setup writes it to
 APPLIED_KEYS = {"method": "train.method", "micro_batch": "train.micro_batch_size", "grad_accum": "train.grad_accum",
                 "grad_ckpt": "train.gradient_checkpointing", "ckpt_layers": "train.checkpoint_layers",
+                "ckpt_policy": "train.checkpoint_policy",
                 "fused_lora": "train.fused_lora",
                 "strategy": "parallel.strategy",
                 "zero_stage": "parallel.zero_stage", "offload_optimizer": "parallel.offload_optimizer",

@@ -54,11 +54,16 @@ def flops_per_token(shape: ModelShape, setup: TrainSetup) -> Flops:
     if setup.method == "full":
         bwd += 2 * (n_blocks + n_head)
     f = recompute_fraction(shape, setup)
-    rec = (2 * n_blocks + 2 * n_lora + attn_fwd) * f
+    if setup.ckpt_policy == "selective":
+        # selective checkpointing keeps every base matmul's and attention's output: only LoRA's B matmul (about
+        # half of the LoRA FLOPs) runs again; its element-wise ops and dequantization are counted in predict_speed
+        rec, attention, lora = n_lora * f, attn_fwd * 3, 6 * n_lora + n_lora * f
+    else:
+        rec = (2 * n_blocks + 2 * n_lora + attn_fwd) * f
+        attention = attn_fwd * (3 + f)
+        lora = 6 * n_lora + 2 * n_lora * f
     if setup.fused_loss == "chunked":
         rec += 2 * n_head                   # the loss chunks are checkpointed
-    attention = attn_fwd * (3 + f)
-    lora = 6 * n_lora + 2 * n_lora * f
     return Flops(fwd, bwd, rec, attention, lora)
 
 
@@ -81,14 +86,15 @@ def fused_lora_extra_bytes(shape: ModelShape, setup: TrainSetup) -> float:
 
 def recompute_fraction(shape: ModelShape, setup: TrainSetup) -> float:
     """The share of decoder layers whose forward runs twice (train.checkpoint_layers of them; all with plain
-    gradient checkpointing)."""
+    gradient checkpointing). With checkpoint_policy=selective only their cheap ops run twice: element-wise passes,
+    dequantization, host issue and LoRA's B matmul scale with it, the base matmuls and attention do not."""
     return recomputed_layers(shape, setup) / max(shape.layers, 1)
 
 
 def model_flops_per_token(shape: ModelShape, setup: TrainSetup) -> float:
     """The MFU convention of docs/benchmarks.md: 4N (6N with recomputation, 6N/8N for full) + attention."""
     n = shape.params_linear + shape.vocab * shape.hidden
-    f = recompute_fraction(shape, setup)
+    f = 0.0 if setup.ckpt_policy == "selective" else recompute_fraction(shape, setup)  # no matmul runs twice
     mult = (6 if setup.method == "full" else 4) + 2 * f
     attn_fwd = 2 * shape.layers * setup.seq_len * shape.hidden
     return mult * n + attn_fwd * (3 + f)

@@ -40,7 +40,7 @@ RUN_OUTPUTS = ("adapter", "checkpoints", "shardtune_run.json") + METRIC_OUTPUTS
 # resolved config changes what the saved state means or how the run continues, and stops the resume
 RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "train.eval_every", "train.save_every",
                      "train.resume", "train.max_bad_steps", "train.kernels", "train.gradient_checkpointing",
-                     "train.checkpoint_layers", "train.fused_lora", "train.compile", "parallel.zero3_leaf_layers",
+                     "train.checkpoint_layers", "train.checkpoint_policy", "train.fused_lora", "train.compile", "parallel.zero3_leaf_layers",
                      "train.fused_loss", "train.device", "parallel.strategy", "parallel.offload_optimizer", "parallel.offload_param",
                      "parallel.fsdp_layers_per_unit", "parallel.balance_tolerance", "plan.mode", "plan.gpus",
                      "plan.global_batch_size", "plan.margin", "output.dir", "output.tensorboard", "output.plot",
