@@ -26,7 +26,8 @@ class GPUSpec:
     mem_bandwidth_gbs: float        # device memory bandwidth, GB/s
     link_gbs: float                 # GPU<->GPU bandwidth per GPU for collectives, GB/s per direction
     link: str                       # "NVLink" | "PCIe"
-    pcie_gbs: float = 20.0          # host<->device bandwidth seen by offload (pinned memory), GB/s
+    pcie_gbs: float = 20.0          # host<->device link, GB/s per direction: nominal for PCIe 5.0 x16 boards (63),
+                                    # older entries as first catalogued; PlanConstants.pcie_eff derates it
     aliases: tuple[str, ...] = ()
     mfu_ceiling_tflops: float | None = None   # measured dense bf16 matmul ceiling, when known (MFU denominator)
 
@@ -54,16 +55,16 @@ GPU_CATALOGUE: dict[str, GPUSpec] = {g.name: g for g in [
     _g("A100-80GB", 81920, True, 312, 2039, 300, "NVLink", 25, ["A100"]),
     _g("A100-PCIe-40GB", 40960, True, 312, 1555, 25, "PCIe", 25, ["A100"]),
     _g("A100-PCIe-80GB", 81920, True, 312, 1935, 25, "PCIe", 25, ["A100"]),
-    _g("H100-80GB", 81559, True, 989, 3350, 450, "NVLink", 50, ["H100"],
+    _g("H100-80GB", 81559, True, 989, 3350, 450, "NVLink", 63, ["H100"],
        800),   # ceiling: bench/ measurement on this project's H100/H200 machines (docs/benchmarks.md)
-    _g("H100-PCIe-80GB", 81559, True, 756, 2000, 50, "PCIe", 50, ["H100"]),
-    _g("H100-NVL-94GB", 95830, True, 835, 3900, 300, "NVLink", 50, ["H100"]),
-    _g("H200-141GB", 143771, True, 989, 4800, 450, "NVLink", 50, ["H200"], 800),
+    _g("H100-PCIe-80GB", 81559, True, 756, 2000, 50, "PCIe", 63, ["H100"]),
+    _g("H100-NVL-94GB", 95830, True, 835, 3900, 300, "NVLink", 63, ["H100"]),
+    _g("H200-141GB", 143771, True, 989, 4800, 450, "NVLink", 63, ["H200"], 800),
     _g("RTX2080Ti-11GB", 11264, False, 54, 616, 12, "PCIe", 12, ["RTX2080Ti", "2080Ti"]),
     _g("RTX3090-24GB", 24576, True, 71, 936, 20, "PCIe", 20, ["RTX3090", "3090"]),
     _g("RTX4080-16GB", 16376, True, 97.5, 717, 25, "PCIe", 25, ["RTX4080", "4080"]),
     _g("RTX4090-24GB", 24564, True, 165, 1008, 20, "PCIe", 20, ["RTX4090", "4090"]),
-    _g("RTX5090-32GB", 32607, True, 209.5, 1792, 50, "PCIe", 50, ["RTX5090", "5090"]),
+    _g("RTX5090-32GB", 32607, True, 209.5, 1792, 50, "PCIe", 63, ["RTX5090", "5090"]),
     _g("A10G-24GB", 23028, True, 70, 600, 12, "PCIe", 12, ["A10G"]),
     _g("A10-24GB", 23028, True, 125, 600, 20, "PCIe", 20, ["A10"]),
     _g("L4-24GB", 23034, True, 121, 300, 20, "PCIe", 20, ["L4"]),
