@@ -155,7 +155,7 @@ class Trainer:
             self.fused_lora = fuse_lora(model)
         if self.cfg.train.compile:
             from shardtune.model.compile_layers import compile_layers
-            self.say(compile_layers(model, self.device, self.strategy))
+            self.say(compile_layers(model, self.device, self.strategy, self.fused_lora))
         self._built = model
 
     def _setup_engine(self) -> None:
