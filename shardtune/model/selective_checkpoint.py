@@ -91,3 +91,15 @@ def lora_small_k(model: nn.Module) -> int:
     ranks = [int(r) for m in model.modules() for r in (getattr(m, "r", None) or {}).values()
              if isinstance(getattr(m, "r", None), dict)]
     return min(max(ranks, default=0), SMALL_K_MAX)
+
+
+def inplace_rope_hazard(model: nn.Module) -> str | None:
+    """The first attention module whose q_proj or k_proj output is a kept matmul output (no LoRA adapter adds to it),
+    or None. Liger's RoPE kernel rotates q and k in their own storage; a kept output rotated in place would be
+    returned already rotated to the recompute and rotated again, giving wrong gradients without an error."""
+    for name, mod in model.named_modules():
+        for proj in ("q_proj", "k_proj"):
+            sub = getattr(mod, proj, None)
+            if isinstance(sub, nn.Module) and not hasattr(sub, "lora_A"):
+                return f"{name}.{proj}" if name else proj
+    return None

@@ -132,6 +132,16 @@ def recomputed_layer_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> fl
     return checkpoint_bytes_per_token_layer(shape, setup)
 
 
+def offload_stays_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> float:
+    """Saved bytes per token that activation offloading cannot move: selective checkpointing keeps its matmul and
+    attention outputs in the checkpoint's own cache, out of reach of the saved-tensor hooks; only each recomputed
+    layer's input moves (measured on the CPU: tests/train/test_offload_activations.py)."""
+    if setup.ckpt_policy != "selective":
+        return 0.0
+    extra = selective_bytes_per_token_layer(shape, setup) - checkpoint_bytes_per_token_layer(shape, setup)
+    return extra * recomputed_layers(shape, setup)
+
+
 def selective_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> float:
     """With selective checkpointing (model/selective_checkpoint.py) a recomputed layer keeps its input, the output
     of every base projection (q, k, v, o, gate, up, down: matmuls with K = hidden or intermediate), the attention

@@ -17,6 +17,7 @@ from shardtune.model.shapes import ModelShape
 from shardtune.plan.activations import (FUSED_CHUNK_TOKENS, activation_bytes_per_token_layer,  # noqa: F401
                                         backward_transient_bytes, checkpoint_bytes_per_token_layer,
                                         first_layer_discount_per_token, loss_forward_bytes, loss_peak_bytes,
+                                        offload_stays_bytes_per_token,
                                         recomputed_layers, saved_bytes_per_token,
                                         shared_activation_bytes_per_token)
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
@@ -177,9 +178,10 @@ def step_bytes(shape: ModelShape, setup: TrainSetup, t: TrainableBytes, gathered
         saved_fwd = saved_bwd = (act_layer * L - first_layer_discount_per_token(shape, setup, c)) * tokens
     if setup.offload_activations:
         # what stays on the GPU: copies in flight in the forward and prefetched ones in backward (offload.py's
-        # windows, 1 GiB each), never more than what would have been saved
-        saved_fwd = min(saved_fwd, ACT_OFFLOAD_WINDOW)
-        saved_bwd = min(saved_bwd, 2 * ACT_OFFLOAD_WINDOW + act_layer * tokens)
+        # windows, 1 GiB each), never more than what would have been saved, plus what the hooks cannot reach
+        stays = offload_stays_bytes_per_token(shape, setup) * tokens
+        saved_fwd = min(saved_fwd - stays, ACT_OFFLOAD_WINDOW) + stays
+        saved_bwd = min(saved_bwd - stays, 2 * ACT_OFFLOAD_WINDOW + act_layer * tokens) + stays
     grads_gpu = 0.0 if offloads_states(setup) else t.grads
     # without a gradient sync between micro steps FSDP2 keeps the unsharded gradients (LoRA: small)
     grads_accum = 4 * t.params if (setup.strategy == "fsdp" and setup.grad_accum > 1) else grads_gpu

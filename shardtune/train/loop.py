@@ -149,6 +149,14 @@ class Trainer:
                 self.say("load: " + r.format())
         self.param_counts = trainable_summary(model)
         self.kernels = apply_kernels(model, self.cfg.train.kernels, self.device)
+        t = self.cfg.train
+        if self.kernels == "liger" and t.gradient_checkpointing and t.checkpoint_policy == "selective":
+            from shardtune.model.selective_checkpoint import inplace_rope_hazard
+            bad = inplace_rope_hazard(model)
+            if bad:
+                raise ConfigError(f"train.checkpoint_policy=selective with Liger kernels needs LoRA on q_proj and "
+                                  f"k_proj ({bad} has none, and Liger's RoPE rotates its output in place); add them "
+                                  "to lora.target_modules, or set train.kernels=none or train.checkpoint_policy=layer")
         self.fused_lora = 0
         if self.cfg.train.fused_lora and self.cfg.train.method != "full" and self.engine.local_module_params:
             from shardtune.model.lora_fused import fuse_lora

@@ -172,3 +172,19 @@ def test_kept_bytes_between_layer_and_none_and_match_the_planner(tiny_model):
     assert s0 < 0.8 * n0                              # fails if it saved everything
     planned = selective_bytes_per_token_layer(shape, setup) * tokens
     assert s0 == pytest.approx(planned, rel=0.05), (s0, planned)
+
+
+@pytest.mark.parametrize("targets, hazard", [("all-linear", False), (["v_proj", "o_proj"], True), (None, True)],
+                         ids=["all-linear", "no-q-k", "full"])
+def test_inplace_rope_hazard_names_the_unadapted_projection(tiny_model, targets, hazard):
+    """Liger's RoPE rotates q/k in place: with no LoRA on q_proj/k_proj the kept matmul output itself would be
+    rotated, so the trainer refuses that combination (shardtune/train/loop.py) with the module's name."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(tiny_model("llama"))
+    if targets is not None:
+        model = get_peft_model(model, LoraConfig(r=4, target_modules=targets))
+    bad = sc.inplace_rope_hazard(model)
+    assert (bad is not None) == hazard
+    if hazard:
+        assert bad.endswith("q_proj")

@@ -47,3 +47,18 @@ def test_setup_carries_the_policy():
     assert setup.ckpt_policy == "selective"
     assert apply_setup(_cfg(), setup).train.checkpoint_policy == "selective"
     assert setup_from_config(_cfg(), hw).ckpt_policy == "layer"
+
+
+def test_offloading_cannot_move_what_selective_keeps():
+    """Offloading under selective checkpointing moves only the layer inputs (the kept matmul outputs live in the
+    checkpoint's cache; tests/train/test_offload_activations.py): memory stays above the outputs kept, and the PCIe
+    bytes equal whole-layer checkpointing's."""
+    from shardtune.plan.activations import offload_stays_bytes_per_token
+    from shardtune.plan.speed import activation_bytes_moved
+    sel = ("train.gradient_checkpointing=true", "train.checkpoint_policy=selective", "train.micro_batch_size=4")
+    kept, off = _est(*sel), _est(*sel, "train.offload_activations=true")
+    layer_off = _est("train.gradient_checkpointing=true", "train.micro_batch_size=4", "train.offload_activations=true")
+    stays = offload_stays_bytes_per_token(off.shape, off.setup) * off.setup.tokens
+    assert stays > 10 * 2**30
+    assert off.memory.peak_allocated > stays and off.memory.peak_allocated <= kept.memory.peak_allocated
+    assert activation_bytes_moved(off.shape, off.setup) == activation_bytes_moved(layer_off.shape, layer_off.setup)

@@ -63,8 +63,9 @@ class PoolMover(CloneMover):
         self.pool.put(host)
 
 
-def _lora_model(tiny_model, ckpt: bool, fused: bool):
-    cfg = load_config(None, ["train.method=lora", f"train.gradient_checkpointing={ckpt}", "lora.dropout=0.1"])
+def _lora_model(tiny_model, ckpt: bool, fused: bool, policy: str = "layer"):
+    cfg = load_config(None, ["train.method=lora", f"train.gradient_checkpointing={ckpt}", "lora.dropout=0.1",
+                             f"train.checkpoint_policy={policy}"])
     model = build_model(cfg, tiny_model("llama"), torch.device("cpu"), torch.float32)
     if fused:
         from shardtune.model.lora_fused import fuse_lora
@@ -139,6 +140,21 @@ def test_checkpointing_moves_only_the_layer_inputs(tiny_model):
         _grads(_lora_model(tiny_model, ckpt, False), batch, LOSSES["logits"], hooks)
         counts[ckpt] = hooks.stats.moved_storages
     assert 0 < counts[True] < counts[False] / 4, counts
+
+
+def test_selective_checkpointing_moves_only_the_layer_inputs(tiny_model):
+    """Selective checkpointing keeps its matmul outputs in the checkpoint's own cache, out of the hooks' reach: the
+    same storages move as with whole-layer checkpointing (the planner's offload_stays_bytes_per_token), and the
+    gradients are those of the run without offloading."""
+    batch, moved = _batch(), {}
+    for policy in ("layer", "selective"):
+        model = _lora_model(tiny_model, True, False, policy)
+        _, ref = _grads(model, batch, LOSSES["logits"])
+        hooks = OffloadActivations(CloneMover(), min_bytes=0)
+        _, got = _grads(model, batch, LOSSES["logits"], hooks)
+        assert all(torch.equal(got[n], ref[n]) for n in ref), policy
+        moved[policy] = (hooks.stats.moved_storages, hooks.stats.moved_bytes)
+    assert moved["selective"] == moved["layer"], moved
 
 
 def test_backward_reads_the_copies(tiny_model):
