@@ -82,6 +82,8 @@ class TrainSetup:
     # train.offload_activations: saved activations go to pinned CPU memory in forward and come back for backward
     # (shardtune/train/offload.py), each byte over PCIe once each way
     offload_activations: bool = False
+    # parallel.zero3_leaf_layers: DeepSpeed ZeRO-3 hooks each decoder layer once (a leaf) instead of every submodule
+    zero3_leaf: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -238,6 +240,7 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         and (stack or {}).get("stack", "shardtune") == "shardtune"
         and not (strategy == "deepspeed" and int(p.zero_stage) == 3),
         offload_activations=bool(getattr(t, "offload_activations", False)),
+        zero3_leaf=bool(getattr(p, "zero3_leaf_layers", False)) and strategy == "deepspeed" and int(p.zero_stage) == 3,
         precision=resolve_precision(t.precision, on_gpu=True, gpu_bf16=hw.gpu.bf16, gpu_name=hw.gpu.name),
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,

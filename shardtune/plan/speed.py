@@ -143,8 +143,9 @@ def host_seconds_per_micro(shape: ModelShape, setup: TrainSetup, c: PlanConstant
     if setup.strategy == "fsdp":
         per_pass += c.host_fsdp_layer_s
     elif setup.strategy == "deepspeed" and setup.zero_stage == 3:
-        # hooks on every submodule: the layer, attention, MLP, norms, each linear and each LoRA's A/B/dropout
-        per_pass += c.host_zero3_module_s * (6 + n_lin + 4 * n_lora)
+        # hooks on every submodule: the layer, attention, MLP, norms, each linear and each LoRA's A/B/dropout; with
+        # parallel.zero3_leaf_layers the decoder layer is a leaf: one hook gathers all of it
+        per_pass += c.host_zero3_module_s * (1 if setup.zero3_leaf else 6 + n_lin + 4 * n_lora)
     passes = 1 + c.host_backward_factor + recompute_fraction(shape, setup) * (1 + c.host_ckpt_extra)
     return shape.layers * per_pass * passes + c.host_micro_s
 
