@@ -146,7 +146,8 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
         grad_ckpt=bool(a.get("ckpt", 1)), precision=a.get("precision", "bf16"), lora_rank=16, lora_dropout=0.05,
         kernels="liger" if liger else "none",
         fused_loss=_dist_loss_path(d, liger, strategy),
-        fsdp_layers_per_unit=_layers_per_unit(d))
+        fsdp_layers_per_unit=_layers_per_unit(d),
+        zero3_leaf=strategy == "deepspeed" and "parallel.zero3_leaf_layers=true" in (a.get("set") or []))
     ranks = d.get("ranks") or []
 
     def peak(key):
@@ -156,7 +157,8 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
              f"{' z' + str(a.get('zero_stage')) if strategy in ('fsdp', 'deepspeed') else ''} ckpt{int(bool(a.get('ckpt', 1)))}"
              f"{' offload' if offload else ''}{' cap' + str(a['cap']) if a.get('cap') else ''}"
              f"{' u' + str(_layers_per_unit(d)) if _layers_per_unit(d) > 1 else ''}"
-             f"{' fused' if strategy != 'none' and d.get('loss_path') == 'fused' else ''}")
+             f"{' fused' if strategy != 'none' and d.get('loss_path') == 'fused' else ''}"
+             f"{' leaf' if 'parallel.zero3_leaf_layers=true' in (a.get('set') or []) else ''}")
     loads = [(r.get("load_report") or {}).get("peak_rss_bytes") for r in ranks]
     loads = [v for v in loads if v]
     return [Record(label=label, model=model, gpus=gpus, setup=setup, peak_allocated=peak("peak_alloc_gb"),
@@ -216,6 +218,7 @@ FITTED_ON: dict[str, tuple[str, tuple[str, ...]]] = {
     "matmul_eff": ("speed", _H100_ROWS), "host_lora_s": ("speed", _H100_ROWS),
     "host_quant_linear_s": ("speed", _H100_ROWS), "host_backward_factor": ("speed", _H100_ROWS),
     "host_gpu_serial": ("speed", _H100_ROWS), "host_zero3_module_s": ("speed", _DS3[:2]),
+    "host_zero3_leaf_param_s": ("speed", ("d8b_deepspeed_leaf_mb2_ckpt1_1rank.json",)),
 }
 
 

@@ -145,7 +145,10 @@ def host_seconds_per_micro(shape: ModelShape, setup: TrainSetup, c: PlanConstant
     elif setup.strategy == "deepspeed" and setup.zero_stage == 3:
         # hooks on every submodule: the layer, attention, MLP, norms, each linear and each LoRA's A/B/dropout; with
         # parallel.zero3_leaf_layers the decoder layer is a leaf: one hook gathers all of it
-        per_pass += c.host_zero3_module_s * (1 if setup.zero3_leaf else 6 + n_lin + 4 * n_lora)
+        if setup.zero3_leaf:
+            per_pass += c.host_zero3_module_s + c.host_zero3_leaf_param_s * (n_lin + 2 * n_lora + 2)
+        else:
+            per_pass += c.host_zero3_module_s * (6 + n_lin + 4 * n_lora)
     passes = 1 + c.host_backward_factor + recompute_fraction(shape, setup) * (1 + c.host_ckpt_extra)
     return shape.layers * per_pass * passes + c.host_micro_s
 

@@ -96,15 +96,23 @@ def test_offloading_rows_of_round_three(row):
         assert e.memory.peak_allocated / (row["peak_alloc_gb"] * 1e9) == pytest.approx(1, abs=0.20)
 
 
+ONE_RANK = {"fsdp": "d8b_fsdp_mb2_ckpt1_1rank.json", "ds3": "d8b_deepspeed_mb2_ckpt1_1rank.json",
+            "leaf": "d8b_deepspeed_leaf_mb2_ckpt1_1rank.json"}
+
+
 def test_zero3_leaf_layers_cut_the_hook_time():
-    """parallel.zero3_leaf_layers: one ZeRO-3 hook per decoder layer instead of ~40 submodules; the host time per
-    module (fitted on the 2x H200 ZeRO-3 runs) then no longer dominates, and the plan carries the field only where
-    it applies."""
+    """parallel.zero3_leaf_layers: one ZeRO-3 hook per decoder layer instead of ~40 submodules (each parameter is
+    still fetched and released: host_zero3_leaf_param_s, fitted on the leaf record). Against one H200 rank of each
+    engine (bench/results/d8b_*_1rank.json): FSDP2 and per-module ZeRO-3 are held out, within 10%."""
+    from shardtune.plan.calibrate import load_records
     mb2 = ("train.micro_batch_size=2", "train.gradient_checkpointing=true")
-    fsdp = _est(*mb2, "parallel.strategy=fsdp")
-    ds3 = _est(*mb2, "parallel.strategy=deepspeed", "parallel.zero_stage=3")
-    leaf = _est(*mb2, "parallel.strategy=deepspeed", "parallel.zero_stage=3", "parallel.zero3_leaf_layers=true")
-    assert leaf.setup.zero3_leaf and not ds3.setup.zero3_leaf
+    est = {"fsdp": _est(*mb2, "parallel.strategy=fsdp"),
+           "ds3": _est(*mb2, "parallel.strategy=deepspeed", "parallel.zero_stage=3"),
+           "leaf": _est(*mb2, "parallel.strategy=deepspeed", "parallel.zero_stage=3", "parallel.zero3_leaf_layers=true")}
+    assert est["leaf"].setup.zero3_leaf and not est["ds3"].setup.zero3_leaf
     assert not _est(*mb2, "parallel.strategy=fsdp", "parallel.zero3_leaf_layers=true").setup.zero3_leaf
-    assert ds3.speed.tokens_per_s < 0.5 * fsdp.speed.tokens_per_s
-    assert 0.8 * fsdp.speed.tokens_per_s < leaf.speed.tokens_per_s <= fsdp.speed.tokens_per_s
+    for key, name in ONE_RANK.items():
+        (rec,) = load_records([RESULTS.with_name(name)])
+        assert rec.setup.zero3_leaf == (key == "leaf")
+        assert est[key].speed.tokens_per_s / rec.tokens_per_s == pytest.approx(1, abs=0.10), key
+    assert est["ds3"].speed.tokens_per_s < est["leaf"].speed.tokens_per_s < est["fsdp"].speed.tokens_per_s
