@@ -34,20 +34,10 @@ def _hidden_size(model: nn.Module) -> int | None:
 
 
 def _min_quant_numel(model: nn.Module) -> int | None:
-    """Elements of the smallest frozen base weight: packed 4-bit ones and the frozen linears of a LoRA model (a
-    persistence threshold at or above it would replicate base weights on every rank)."""
     import bitsandbytes as bnb
     sizes = [m.weight.numel() for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     sizes += [m.quant_blob.numel() for m in model.modules() if hasattr(m, "quant_blob")]
-    sizes += [m.weight.numel() for n, m in model.named_modules()
-              if isinstance(m, nn.Linear) and "lora_" not in n and not m.weight.requires_grad]
     return min(sizes) if sizes else None
-
-
-def _adapter_max_numel(model: nn.Module) -> int | None:
-    """Elements of the largest LoRA matrix, or None without adapters (full fine-tuning)."""
-    sizes = [p.numel() for n, p in model.named_parameters() if "lora_" in n and p.requires_grad]
-    return max(sizes) if sizes else None
 
 
 class DeepSpeedEngine(Engine):
@@ -86,8 +76,7 @@ class DeepSpeedEngine(Engine):
                 _decoder_layers_as_leaves(model)
         ds_cfg, filled = build_ds_config(self.cfg, self.dist.world_size, compute_dtype=self.compute_dtype,
                                          hidden_size=_hidden_size(model), total_steps=self.total_steps,
-                                         min_quant_numel=_min_quant_numel(model) if self.stage == 3 else None,
-                                         adapter_max_numel=_adapter_max_numel(model) if self.stage == 3 else None)
+                                         min_quant_numel=_min_quant_numel(model) if self.stage == 3 else None)
         check_quant_storage(model, cast_dtype(ds_cfg), "DeepSpeed")
         if self.dist.is_main and (self.cfg.parallel.deepspeed_config or filled):
             print(describe_filled(filled, self.cfg.parallel.deepspeed_config, adopted_from_json(self.cfg)), flush=True)

@@ -69,17 +69,10 @@ def _precision_flags(dtype: torch.dtype) -> tuple[bool, bool]:
     return dtype == torch.bfloat16, dtype == torch.float16
 
 
-def _persistence_threshold(hidden_size: int | None, min_quant_numel: int | None,
-                           adapter_max_numel: int | None = None) -> int:
+def _persistence_threshold(hidden_size: int | None, min_quant_numel: int | None) -> int:
     """Parameters smaller than this stay replicated under ZeRO-3 (saves gathers of norms and biases). HF's 10 x hidden
-    would also keep small packed 4-bit weights whole on every rank, so it is capped below the smallest of those.
-    With LoRA it is raised above the largest adapter matrix: every adapter then stays whole on every rank (for an 8B
-    model at r16, 42M parameters, 84 MB in bf16; their gradients and optimizer states are still partitioned), and a
-    layer's gather fetches only its frozen base weights (7 per Llama layer instead of 19: DeepSpeed's cost is per
-    fetched parameter; docs/benchmarks.md)."""
+    would also keep small packed 4-bit weights whole on every rank, so it is capped below the smallest of those."""
     t = 10 * hidden_size if hidden_size else 100_000
-    if adapter_max_numel:
-        t = max(t, adapter_max_numel + 1)
     if min_quant_numel:
         t = min(t, max(min_quant_numel - 1, 0))
     return t
@@ -107,15 +100,13 @@ def zero_stage(cfg) -> int:
 
 
 def build_ds_config(cfg, world_size: int, *, compute_dtype: torch.dtype | None = None, hidden_size: int | None = None,
-                    total_steps: int | None = None, min_quant_numel: int | None = None,
-                    adapter_max_numel: int | None = None) -> tuple[dict, list[str]]:
+                    total_steps: int | None = None, min_quant_numel: int | None = None) -> tuple[dict, list[str]]:
     """(DeepSpeed config dict, list of 'key=value' filled from shardtune's config). The JSON's values the run adopts
     instead are `adopted_from_json(cfg)`.
 
     compute_dtype: the run's dtype (default: from train.precision, fp32 for 'auto'); hidden_size: the model's, for the
     bucket sizes; total_steps: for a JSON scheduler's "auto" step counts; min_quant_numel: elements of the smallest
-    frozen base weight, packed 4-bit or not (keeps ZeRO-3 from replicating it); adapter_max_numel: elements of the
-    largest LoRA matrix (kept replicated, see _persistence_threshold)."""
+    packed 4-bit weight (keeps ZeRO-3 from replicating it)."""
     user_cfg, cfg = cfg, with_deepspeed_json(cfg)
     if compute_dtype is None:
         compute_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.train.precision, torch.float32)
@@ -128,7 +119,7 @@ def build_ds_config(cfg, world_size: int, *, compute_dtype: torch.dtype | None =
     _batch_shape(ds, f, cfg.train, world_size)
     _precision(ds, f, compute_dtype)
     f.agree(ds, "gradient_clipping", cfg.train.grad_clip, "gradient_clipping", "train.grad_clip", add=True)
-    z = _zero(ds, f, cfg.parallel, hidden_size, min_quant_numel, adapter_max_numel)
+    z = _zero(ds, f, cfg.parallel, hidden_size, min_quant_numel)
     opt = _optimizer(ds, f, cfg.train, z)
     _scheduler(ds, f, cfg.train, opt, total_steps)
     ds.setdefault("steps_per_print", QUIET_STEPS)
@@ -173,8 +164,7 @@ def _precision(ds: dict, f: _Filler, compute_dtype: torch.dtype) -> None:
                 f.fill(sec, k, v, f"fp16.{k}")
 
 
-def _zero(ds: dict, f: _Filler, p, hidden_size: int | None, min_quant_numel: int | None,
-          adapter_max_numel: int | None = None) -> dict:
+def _zero(ds: dict, f: _Filler, p, hidden_size: int | None, min_quant_numel: int | None) -> dict:
     """zero_optimization: stage, offload devices, bucket sizes and the ZeRO-3 persistence threshold."""
     z = ds.setdefault("zero_optimization", {})
     if not isinstance(z, dict):
@@ -187,7 +177,7 @@ def _zero(ds: dict, f: _Filler, p, hidden_size: int | None, min_quant_numel: int
     from_json = bool(p.deepspeed_config)
     h = hidden_size
     bucket = h * h if h else 500_000_000
-    threshold = _persistence_threshold(h, min_quant_numel, adapter_max_numel)
+    threshold = _persistence_threshold(h, min_quant_numel)
     for key, val in (("reduce_bucket_size", bucket), ("stage3_prefetch_bucket_size", int(0.9 * bucket)),
                      ("stage3_param_persistence_threshold", threshold)):
         if key in z:

@@ -71,11 +71,10 @@ class PlanConstants:
     host_ckpt_extra: float = 0.3               # checkpoint hooks on top of the recomputed forward
     host_fsdp_layer_s: float = 150e-6          # FSDP2 per unit and pass: hooks, all-gather issue, copy-in/out
     host_zero3_module_s: float = 430e-6        # DeepSpeed ZeRO-3 per submodule and pass: fetch/release hooks, waits (fitted, 2 ds3 records)
-    # parallel.zero3_leaf_layers: the one hook per layer still fetches and releases each partitioned parameter
-    # (DeepSpeed's per-parameter status and partition bookkeeping); fitted on the first leaf record
-    # (d8b_deepspeed_leaf_mb2_ckpt1_1rank.json, one H200 rank: 19 partitioned parameters per layer, before LoRA
-    # matrices were kept replicated)
-    host_zero3_leaf_param_s: float = 96e-6
+    # parallel.zero3_leaf_layers: the one hook per layer still fetches and releases each of the layer's parameters
+    # (DeepSpeed's per-parameter status and partition bookkeeping); fitted on the one leaf record
+    # (d8b_deepspeed_leaf_mb2_ckpt1_1rank.json, one H200 rank), nothing held out yet
+    host_zero3_leaf_param_s: float = 79e-6
     host_micro_s: float = 5e-3                 # per micro batch: batch to device, loss, bookkeeping
     host_gpu_serial: float = 0.0               # fraction of the shorter of host/GPU time that does not overlap
     comm_eff: float = 0.75                     # achieved / nominal link bandwidth for NCCL collectives

@@ -146,9 +146,7 @@ def host_seconds_per_micro(shape: ModelShape, setup: TrainSetup, c: PlanConstant
         # hooks on every submodule: the layer, attention, MLP, norms, each linear and each LoRA's A/B/dropout; with
         # parallel.zero3_leaf_layers the decoder layer is a leaf: one hook gathers all of it
         if setup.zero3_leaf:
-            # the layer's hook fetches and releases each partitioned parameter: its frozen base weights (LoRA
-            # matrices, norms and biases sit under the persistence threshold, parallel/dsconfig.py)
-            per_pass += c.host_zero3_module_s + c.host_zero3_leaf_param_s * n_lin
+            per_pass += c.host_zero3_module_s + c.host_zero3_leaf_param_s * (n_lin + 2 * n_lora + 2)
         else:
             per_pass += c.host_zero3_module_s * (6 + n_lin + 4 * n_lora)
     passes = 1 + c.host_backward_factor + recompute_fraction(shape, setup) * (1 + c.host_ckpt_extra)

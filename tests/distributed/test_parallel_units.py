@@ -325,28 +325,3 @@ def test_a_deepspeed_json_under_another_engine_is_refused(engine, tmp_path):
     eng = cls(cfg, DistInfo(0, 2, 0), torch.device("cpu"), torch.float32)
     with pytest.raises(ConfigError, match=f"parallel.strategy={engine}; set parallel.strategy=deepspeed"):
         eng.wrap(torch.nn.Linear(2, 2))
-
-
-def test_zero3_keeps_lora_matrices_replicated_and_base_weights_partitioned():
-    """The persistence threshold rises above the largest LoRA matrix (8B r16: gate's B, 14336 x 16) so a layer's
-    gather fetches only its base weights, and stays below the smallest frozen base weight whatever the adapter."""
-    cfg = _cfg("parallel.zero_stage=3")
-
-    def threshold(**kw):
-        ds, _ = build_ds_config(cfg, 2, compute_dtype=torch.bfloat16, hidden_size=4096, **kw)
-        return ds["zero_optimization"]["stage3_param_persistence_threshold"]
-    assert threshold(min_quant_numel=2_000_000) == 40_960                       # no adapter: 10 x hidden
-    assert threshold(min_quant_numel=2_000_000, adapter_max_numel=229_376) == 229_377
-    assert threshold(min_quant_numel=100_000, adapter_max_numel=229_376) == 99_999  # base weights stay sharded
-
-
-def test_adapter_and_base_sizes_read_from_a_lora_model(tiny_model):
-    from shardtune.config import load_config
-    from shardtune.model.load import build_model
-    from shardtune.parallel.deepspeed import _adapter_max_numel, _min_quant_numel
-    cfg = load_config(None, ["train.method=lora", "lora.rank=4"])
-    model = build_model(cfg, tiny_model("llama"), torch.device("cpu"), torch.float32)
-    lora = [p.numel() for n, p in model.named_parameters() if "lora_" in n]
-    frozen = [m.weight.numel() for n, m in model.named_modules()
-              if isinstance(m, torch.nn.Linear) and "lora_" not in n and not m.weight.requires_grad]
-    assert _adapter_max_numel(model) == max(lora) < _min_quant_numel(model) == min(frozen)
