@@ -9,7 +9,8 @@ steps (warm-up excluded), tokens/s, MFU, peak allocated and reserved memory per 
 default (ckpt=1, mb=2, no Liger). Variant keys: ckpt (gradient checkpointing 0/1), mb (micro batch), liger (0/1),
 method (qlora/lora), fused (shardtune fused loss 0/1), cap (GB: cap this process's GPU memory); shardtune only:
 cl (train.checkpoint_layers: recompute only this many layers), fl (train.fused_lora 0/1), off
-(train.offload_activations 0/1), comp (train.compile 0/1), sac (train.checkpoint_policy=selective 0/1: recomputed
+(train.offload_activations 0/1), ol (train.offload_layers: with off=1, only this many layers), comp
+(train.compile 0/1), sac (train.checkpoint_policy=selective 0/1: recomputed
 layers keep their matmul and attention outputs; MFU then counts no matmul recompute).
 """
 
@@ -34,7 +35,7 @@ PEER_DEFAULT = "peer:ckpt=1,mb=2"
 def parse_variant(text: str) -> dict:
     kind, _, rest = text.partition(":")
     v = {"kind": kind, "ckpt": 1, "mb": 2, "liger": 0, "method": "qlora", "fused": 1, "cap": 0, "label": text,
-         "cl": 0, "fl": 1, "off": 0, "comp": 0, "sac": 0}
+         "cl": 0, "fl": 1, "off": 0, "comp": 0, "sac": 0, "ol": -1}
     for kv in filter(None, rest.split(",")):
         k, val = kv.split("=")
         v[k] = val if k == "method" else float(val) if k == "cap" else int(val)
@@ -105,7 +106,8 @@ def run_shardtune(v: dict, model_dir: str, seq: int, steps: int, warmup: int) ->
                              "lora.dropout=0.05", "train.lr=2e-4", "train.warmup_steps=0",
                              f"train.checkpoint_layers={v['cl'] or 'null'}", f"train.fused_lora={bool(v['fl'])}",
                              f"train.offload_activations={bool(v['off'])}", f"train.compile={bool(v['comp'])}",
-                             f"train.checkpoint_policy={'selective' if v['sac'] else 'layer'}"])
+                             f"train.checkpoint_policy={'selective' if v['sac'] else 'layer'}",
+                             f"train.offload_layers={v['ol'] if v['ol'] >= 0 else 'null'}"])
     tr = Trainer(cfg, out=lambda m: print(m, flush=True), time_steps=True)
     tr.setup()
     tr.use_samples(random_samples(v["mb"] * (steps + warmup), seq, SHAPES_VOCAB(model_dir)))
@@ -147,7 +149,8 @@ def summarise(v: dict, r: dict, shape: str, seq: int) -> dict:
     row = {"variant": v["label"], "kind": v["kind"], "method": v["method"], "ckpt": v["ckpt"], "micro_batch": v["mb"],
            "liger": v["liger"], "cap_gb": v["cap"], "ok": r.get("ok", False),
            "checkpoint_layers": v.get("cl", 0), "fused_lora": v.get("fl", 1), "offload_activations": v.get("off", 0),
-           "compile": v.get("comp", 0), "checkpoint_policy": "selective" if v.get("sac") else "layer"}
+           "compile": v.get("comp", 0), "checkpoint_policy": "selective" if v.get("sac") else "layer",
+           "offload_layers": v.get("ol", -1) if v.get("ol", -1) >= 0 else None}
     if not row["ok"]:
         row["error"] = r.get("error")
         return row

@@ -97,6 +97,9 @@ class TrainConfig:
                                  "turns it on when that lets a faster setup fit. peft's forward under ZeRO-3, DoRA")
     offload_activations: bool = _f(False, "move saved activations to pinned CPU memory during forward and back "
                                           "for backward, on a side stream (CUDA only)")
+    offload_layers: Optional[int] = _f(None, "with offload_activations: offload only this many decoder layers, the "
+                                             "first ones that do not recompute (unset: the whole forward); fewer "
+                                             "keeps the copies hidden behind compute")
     compile: bool = _f(False, "torch.compile each decoder layer (CUDA only; first steps compile)")
     seed: int = _f(42, "seed for init, data order and dropout")
     log_every: int = _f(5, "log loss / lr / grad norm / tokens/s every N steps")
@@ -437,7 +440,9 @@ def validate(cfg: RunConfig) -> None:
                             ("train.epochs", t.epochs, ""), ("train.warmup_steps", t.warmup_steps, ""),
                             ("train.eval_every", t.eval_every, " (0 disables)"),
                             ("train.save_every", t.save_every, " (0: only at the end)"),
-                            ("train.weight_decay", t.weight_decay, ""), ("train.grad_clip", t.grad_clip, " (0 disables)")):
+                            ("train.weight_decay", t.weight_decay, ""), ("train.grad_clip", t.grad_clip, " (0 disables)"),
+                            ("train.checkpoint_layers", t.checkpoint_layers or 0, " (unset: all layers)"),
+                            ("train.offload_layers", t.offload_layers or 0, " (unset: the whole forward)")):
         if v < 0:
             raise ConfigError(f"{key}: invalid value {v}; must be >= 0{meaning}")
     for key, v in (("train.lr", t.lr), ("lora.alpha", lora.alpha),

@@ -142,6 +142,15 @@ def offload_stays_bytes_per_token(shape: ModelShape, setup: TrainSetup) -> float
     return extra * recomputed_layers(shape, setup)
 
 
+def offload_moved_bytes_per_token(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
+    """Saved bytes per token that activation offloading moves each way: everything the hooks can reach, or with
+    train.offload_layers=n the whole saved set of the first n layers that do not recompute."""
+    if setup.offload_layers is not None:
+        n = min(max(0, setup.offload_layers), shape.layers - recomputed_layers(shape, setup))
+        return n * activation_bytes_per_token_layer(shape, setup, c)
+    return saved_bytes_per_token(shape, setup, c) - offload_stays_bytes_per_token(shape, setup)
+
+
 def selective_bytes_per_token_layer(shape: ModelShape, setup: TrainSetup) -> float:
     """With selective checkpointing (model/selective_checkpoint.py) a recomputed layer keeps its input, the output
     of every base projection (q, k, v, o, gate, up, down: matmuls with K = hidden or intermediate), the attention

@@ -17,7 +17,7 @@ from shardtune.model.shapes import ModelShape
 from shardtune.plan.activations import (FUSED_CHUNK_TOKENS, activation_bytes_per_token_layer,  # noqa: F401
                                         backward_transient_bytes, checkpoint_bytes_per_token_layer,
                                         first_layer_discount_per_token, loss_forward_bytes, loss_peak_bytes,
-                                        offload_stays_bytes_per_token,
+                                        offload_moved_bytes_per_token,
                                         recomputed_layers, saved_bytes_per_token,
                                         shared_activation_bytes_per_token)
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
@@ -179,9 +179,9 @@ def step_bytes(shape: ModelShape, setup: TrainSetup, t: TrainableBytes, gathered
     if setup.offload_activations:
         # what stays on the GPU: copies in flight in the forward and prefetched ones in backward (offload.py's
         # windows, 1 GiB each), never more than what would have been saved, plus what the hooks cannot reach
-        stays = offload_stays_bytes_per_token(shape, setup) * tokens
-        saved_fwd = min(saved_fwd - stays, ACT_OFFLOAD_WINDOW) + stays
-        saved_bwd = min(saved_bwd - stays, 2 * ACT_OFFLOAD_WINDOW + act_layer * tokens) + stays
+        moved = offload_moved_bytes_per_token(shape, setup, c) * tokens
+        saved_fwd = max(0.0, saved_fwd - moved) + min(moved, ACT_OFFLOAD_WINDOW)
+        saved_bwd = max(0.0, saved_bwd - moved) + min(moved, 2 * ACT_OFFLOAD_WINDOW + act_layer * tokens)
     grads_gpu = 0.0 if offloads_states(setup) else t.grads
     # without a gradient sync between micro steps FSDP2 keeps the unsharded gradients (LoRA: small)
     grads_accum = 4 * t.params if (setup.strategy == "fsdp" and setup.grad_accum > 1) else grads_gpu

@@ -82,6 +82,8 @@ class TrainSetup:
     # train.offload_activations: saved activations go to pinned CPU memory in forward and come back for backward
     # (shardtune/train/offload.py), each byte over PCIe once each way
     offload_activations: bool = False
+    # train.offload_layers: with offload_activations, only the first n decoder layers that do not recompute
+    offload_layers: int | None = None
     # parallel.zero3_leaf_layers: DeepSpeed ZeRO-3 hooks each decoder layer once (a leaf) instead of every submodule
     zero3_leaf: bool = False
 
@@ -240,6 +242,7 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         and (stack or {}).get("stack", "shardtune") == "shardtune"
         and not (strategy == "deepspeed" and int(p.zero_stage) == 3),
         offload_activations=bool(getattr(t, "offload_activations", False)),
+        offload_layers=getattr(t, "offload_layers", None),
         zero3_leaf=bool(getattr(p, "zero3_leaf_layers", False)) and strategy == "deepspeed" and int(p.zero_stage) == 3,
         precision=resolve_precision(t.precision, on_gpu=True, gpu_bf16=hw.gpu.bf16, gpu_name=hw.gpu.name),
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),

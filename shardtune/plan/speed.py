@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from shardtune.model.shapes import ModelShape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
-from shardtune.plan.activations import (activation_bytes_per_token_layer, offload_stays_bytes_per_token,
+from shardtune.plan.activations import (activation_bytes_per_token_layer, offload_moved_bytes_per_token,
                                         recomputed_layers, saved_bytes_per_token)
 from shardtune.plan.weights import base_param_elem, lora_params, trainable_params, weight_bytes
 from shardtune.plan.setup import TrainSetup
@@ -71,7 +71,7 @@ def flops_per_token(shape: ModelShape, setup: TrainSetup) -> Flops:
 def activation_bytes_moved(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
     """Saved-activation bytes of one micro batch that activation offloading moves each way: every non-recomputed
     layer's saved tensors and every recomputed layer's input."""
-    return (saved_bytes_per_token(shape, setup, c) - offload_stays_bytes_per_token(shape, setup)) * setup.tokens
+    return offload_moved_bytes_per_token(shape, setup, c) * setup.tokens
 
 
 def fused_lora_extra_bytes(shape: ModelShape, setup: TrainSetup) -> float:

@@ -44,7 +44,8 @@ RESUMABLE_CHANGES = ("train.max_steps", "train.epochs", "train.log_every", "trai
                      "train.fused_loss", "train.device", "parallel.strategy", "parallel.offload_optimizer", "parallel.offload_param",
                      "parallel.fsdp_layers_per_unit", "parallel.balance_tolerance", "plan.mode", "plan.gpus",
                      "plan.global_batch_size", "plan.margin", "output.dir", "output.tensorboard", "output.plot",
-                     "output.overwrite", "output.report_to", "model.attn_implementation", "train.offload_activations")
+                     "output.overwrite", "output.report_to", "model.attn_implementation", "train.offload_activations",
+                     "train.offload_layers")
 
 
 # ------------------------------------------------------------------------------------------------ output dir

@@ -186,6 +186,7 @@ class OffloadActivations(saved_tensors_hooks):
         self._in_backward = False
         self._cursor = -1                     # prefetch continues below this index
         self._ahead_bytes = 0                 # prefetched and not yet used
+        self._allowance = 0                   # extra prefetch room granted by advance_prefetch in this backward
 
     def __exit__(self, *exc):
         self._seen.clear()  # dedupe is valid within one forward only
@@ -294,7 +295,7 @@ class OffloadActivations(saved_tensors_hooks):
         if not self._in_backward:
             return
         i = min(self._cursor, seq - 1)
-        while i >= 0 and self._ahead_bytes < self.prefetch_bytes:
+        while i >= 0 and self._ahead_bytes < self.prefetch_bytes + self._allowance:
             r = self._records[i]
             if r.device_raw is None and r.unpacks_left > 0:
                 self._fetch(r)
@@ -311,20 +312,82 @@ class OffloadActivations(saved_tensors_hooks):
                 r.device_raw = r.event = None
             self._release_host(r)
             r.prefetched = False
-        self._in_backward, self._ahead_bytes = False, 0
+        self._in_backward, self._ahead_bytes, self._allowance = False, 0, 0
+
+    def advance_prefetch(self) -> None:
+        """Called in backward as each later (not offloaded) layer starts its backward, which frees about a layer of
+        saved activations: prefetch room grows by prefetch_bytes, so the copies back run while those layers
+        compute instead of when the offloaded layers are reached."""
+        if not self._records:
+            return
+        if not self._in_backward:
+            self._start_backward()
+        self._allowance += self.prefetch_bytes
+        self._prefetch_below(len(self._records))
+
+
+class LayerOffload:
+    """The context for one forward that offloads only inside the chosen decoder layers: a forward pre-hook enters
+    the shared hooks and a forward hook leaves them (also when the layer raises). The module hooks exist only while
+    this context is open, so a checkpointed layer's recompute in backward never offloads."""
+
+    def __init__(self, hooks: OffloadActivations, layers, watch=()):
+        self.hooks, self.layers, self.watch, self.handles = hooks, layers, watch, []
+
+    @property
+    def stats(self) -> OffloadStats:
+        return self.hooks.stats
+
+    def _watch_output(self, module, args, out):
+        t = out[0] if isinstance(out, (tuple, list)) else out
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            t.register_hook(self._on_grad)
+
+    def _on_grad(self, grad):
+        self.hooks.advance_prefetch()
+
+    def __enter__(self):
+        for layer in self.layers:
+            self.handles.append(layer.register_forward_pre_hook(lambda m, a: self.hooks.__enter__()))
+            self.handles.append(layer.register_forward_hook(lambda m, a, o: self.hooks.__exit__(None, None, None),
+                                                            always_call=True))
+        for layer in self.watch:  # the other decoder layers: their backward starts the copies back
+            self.handles.append(layer.register_forward_hook(self._watch_output))
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles.clear()
+        return False
+
+
+def offload_layers(blocks: list, n: int | None) -> list | None:
+    """The decoder layers `train.offload_layers` offloads: the first n that do not recompute (their copies to the
+    host have the rest of the forward to finish, and backward needs them last, so the copies back have the most time
+    to land); None (all of the forward) when n is unset."""
+    if n is None:
+        return None
+    return [b for b in blocks if not getattr(b, "gradient_checkpointing", False)][:max(0, n)]
 
 
 class ActivationOffloader:
-    """What the trainer holds: `offloader()` is the context for one forward (nothing on CPU); stats add up."""
+    """What the trainer holds: `offloader()` is the context for one forward (nothing on CPU); stats add up.
+    `layers`: offload only inside these modules (train.offload_layers), else the whole forward; `watch`: the other
+    decoder layers, whose backward starts the copies back. With layers the forward never waits for a copy (no
+    in-flight cap): the copies have the rest of the forward to finish."""
 
-    def __init__(self, mover, **kw):
-        self.mover, self.kw = mover, kw
+    def __init__(self, mover, layers=None, watch=(), **kw):
+        self.mover, self.layers, self.watch, self.kw = mover, layers, watch, kw
         self.stats = OffloadStats()
 
     def __call__(self):
         if self.mover is None:
             return nullcontext()
-        return OffloadActivations(self.mover, stats=self.stats, **self.kw)
+        if self.layers is None:
+            return OffloadActivations(self.mover, stats=self.stats, **self.kw)
+        kw = {"max_inflight_bytes": 1 << 62, **self.kw}
+        return LayerOffload(OffloadActivations(self.mover, stats=self.stats, **kw), self.layers, self.watch)
 
 
 def activation_offloader(enabled: bool, device: torch.device, say=print) -> ActivationOffloader:

@@ -116,3 +116,22 @@ def test_zero3_leaf_layers_cut_the_hook_time():
         assert rec.setup.zero3_leaf == (key == "leaf")
         assert est[key].speed.tokens_per_s / rec.tokens_per_s == pytest.approx(1, abs=0.10), key
     assert est["ds3"].speed.tokens_per_s < est["leaf"].speed.tokens_per_s < est["fsdp"].speed.tokens_per_s
+
+
+def test_offload_layers_moves_whole_layers_and_hides_under_compute():
+    """train.offload_layers=n: n whole layers' saved activations cross PCIe; few enough hide under the forward and
+    backward (no exposed PCIe time), and memory falls by about those layers less the in-flight window."""
+    from shardtune.plan.activations import activation_bytes_per_token_layer
+    from shardtune.plan.speed import activation_bytes_moved
+    base = ("train.micro_batch_size=4", "train.gradient_checkpointing=true", "train.checkpoint_layers=16",
+            "train.fused_lora=true")
+    plain = _est(*base)
+    off = _est(*base, "train.offload_activations=true", "train.offload_layers=10")
+    per_layer = activation_bytes_per_token_layer(off.shape, off.setup) * off.setup.tokens
+    assert activation_bytes_moved(off.shape, off.setup) == pytest.approx(10 * per_layer)
+    saved = plain.memory.peak_allocated - off.memory.peak_allocated
+    assert 10 * per_layer - (2 * 2**30 + per_layer) <= saved + 1e6 and saved < 10 * per_layer  # backward window
+    assert off.speed.parts_s["offload (PCIe)"] == 0 and off.speed.tokens_per_s == pytest.approx(plain.speed.tokens_per_s)
+    # more layers than do not recompute: capped at the 16 that keep their activations
+    many = _est(*base, "train.offload_activations=true", "train.offload_layers=99")
+    assert activation_bytes_moved(many.shape, many.setup) == pytest.approx(16 * per_layer)

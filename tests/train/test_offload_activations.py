@@ -10,8 +10,8 @@ import torch
 from shardtune.config import load_config
 from shardtune.model.load import build_model
 from shardtune.train.loss import fused_loss_sum, logits_loss_sum
-from shardtune.train.offload import (CudaMover, OffloadActivations, OffloadStats, PinnedPool, activation_offloader,
-                                     pool_bucket)
+from shardtune.train.offload import (ActivationOffloader, CudaMover, LayerOffload, OffloadActivations, OffloadStats,
+                                     PinnedPool, activation_offloader, offload_layers, pool_bucket)
 from support import run_overrides
 
 
@@ -157,6 +157,53 @@ def test_selective_checkpointing_moves_only_the_layer_inputs(tiny_model):
     assert moved["selective"] == moved["layer"], moved
 
 
+def _blocks(model):
+    from shardtune.model.load import checkpointed_blocks
+    return checkpointed_blocks(model.get_base_model())
+
+
+@pytest.mark.parametrize("ckpt_layers", [None, 1], ids=["no-ckpt", "one-layer-recomputed"])
+def test_offload_layers_moves_only_the_chosen_layers(tiny_model, ckpt_layers):
+    """train.offload_layers: only inside the first n layers that do not recompute; gradients bit-identical; nothing
+    moves in backward (the module hooks are gone once the forward's context closes, so a recompute never offloads)."""
+    from shardtune.model.load import enable_checkpointing
+    batch = _batch()
+    model = _lora_model(tiny_model, False, True)
+    if ckpt_layers:
+        enable_checkpointing(model, ckpt_layers)
+    blocks = _blocks(model)
+    assert offload_layers(blocks, None) is None
+    chosen = offload_layers(blocks, 1)
+    assert len(chosen) == 1 and not getattr(chosen[0], "gradient_checkpointing", False)
+    _, ref = _grads(model, batch, LOSSES["logits"])
+    whole = OffloadActivations(CloneMover(), min_bytes=0)
+    _grads(model, batch, LOSSES["logits"], whole)
+    mover = CloneMover()
+    off = ActivationOffloader(mover, layers=chosen, watch=[b for b in blocks if b not in chosen], min_bytes=0)
+    ctx = off()
+    assert isinstance(ctx, LayerOffload)
+    model.zero_grad()
+    torch.manual_seed(7)
+    with ctx:
+        loss = LOSSES["logits"](model, batch)
+    forward_moves = len(mover.to_host_bytes)
+    loss.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    assert all(torch.equal(got[n], ref[n]) for n in ref)
+    assert 0 < off.stats.moved_storages < whole.stats.moved_storages
+    assert len(mover.to_host_bytes) == forward_moves  # nothing offloaded during backward / recompute
+    assert all(not b._forward_pre_hooks and not b._forward_hooks for b in blocks)
+    # the later layer's backward started the copies back before the offloaded layer was reached: every byte came
+    # back ahead of use; without the watched layers the first one is fetched when backward asks for it
+    later = blocks.index(chosen[-1]) < len(blocks) - 1
+    assert later == (ckpt_layers is None)  # with the one recomputed layer first, nothing follows the chosen one
+    if later:
+        assert off.stats.fetched_bytes == off.stats.prefetched_bytes > 0
+    blind = ActivationOffloader(CloneMover(), layers=chosen, min_bytes=0)
+    _grads(model, batch, LOSSES["logits"], blind())
+    assert 0 <= blind.stats.prefetched_bytes < blind.stats.fetched_bytes
+
+
 def test_backward_reads_the_copies(tiny_model):
     """A mover that garbles the copies back changes the gradients: the unpack path is the one backward uses."""
     model, batch = _lora_model(tiny_model, False, True), _batch()
@@ -295,3 +342,25 @@ def test_cuda_gradients_bit_identical(tiny_model, ckpt):
     torch.cuda.synchronize()
     assert hooks.stats.moved_bytes > 0 and hooks.stats.fetched_bytes > 0
     assert all(torch.equal(got[n], ref[n]) for n in ref)
+
+
+def test_trainer_offloads_only_the_first_layers_it_is_told(tiny_model, alpaca_file, tmp_path, monkeypatch):
+    """train.offload_layers in the trainer, with the CPU stand-in mover: it names the layers in one line, the hooks
+    move storages only inside them (fewer than the whole forward) and the run trains."""
+    import shardtune.train.loop as loop
+    from shardtune.train.loop import Trainer
+    monkeypatch.setattr(loop, "activation_offloader",
+                        lambda enabled, device, say: ActivationOffloader(CloneMover() if enabled else None, min_bytes=0))
+    runs = {}
+    for layers in (None, 1):
+        said: list[str] = []
+        extra = {"train.offload_activations": True, "train.max_steps": 2}
+        if layers is not None:
+            extra["train.offload_layers"] = layers
+        cfg = load_config(None, run_overrides(tiny_model("llama"), alpaca_file, tmp_path / f"out{layers}", **extra))
+        tr = Trainer(cfg, out=said.append)
+        res = tr.run()
+        assert len(res.losses) == 2 and all(torch.isfinite(torch.tensor(res.losses)))
+        runs[layers] = (tr.offload.stats.moved_storages, said)
+    assert "offload: saved activations of 1 decoder layers go to pinned CPU memory" in runs[1][1]
+    assert 0 < runs[1][0] < runs[None][0] / 2
