@@ -190,7 +190,8 @@ class Trainer:
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
             blocks = checkpointed_blocks(base)
             self.offload.layers = offload_layers(blocks, t.offload_layers)
-            self.offload.watch = [b for b in blocks if b not in self.offload.layers]
+            self.offload.watch = [b for b in blocks if b not in self.offload.layers
+                                  and not getattr(b, "gradient_checkpointing", False)]
             self.say(f"offload: saved activations of {len(self.offload.layers)} decoder layers go to pinned CPU memory")
         if self.cfg.plan.mode != "auto" and self.device.type == "cuda":
             self._predict(self.cfg)

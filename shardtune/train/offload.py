@@ -314,16 +314,20 @@ class OffloadActivations(saved_tensors_hooks):
             r.prefetched = False
         self._in_backward, self._ahead_bytes, self._allowance = False, 0, 0
 
-    def advance_prefetch(self) -> None:
-        """Called in backward as each later (not offloaded) layer starts its backward, which frees about a layer of
-        saved activations: prefetch room grows by prefetch_bytes, so the copies back run while those layers
-        compute instead of when the offloaded layers are reached."""
+    def advance_prefetch(self, nbytes: int) -> None:
+        """Called in backward as a later layer that keeps its activations (not offloaded, not recomputed) starts its
+        backward, which frees about `nbytes`: prefetch room grows by that much, so the copies back run while those
+        layers compute instead of when the offloaded layers are reached, without raising the backward's peak."""
         if not self._records:
             return
         if not self._in_backward:
             self._start_backward()
-        self._allowance += self.prefetch_bytes
+        self._allowance += nbytes
         self._prefetch_below(len(self._records))
+
+    def moved_bytes(self) -> int:
+        """Bytes this forward sent to the host."""
+        return sum(r.nbytes for r in self._records)
 
 
 class LayerOffload:
@@ -344,14 +348,15 @@ class LayerOffload:
             t.register_hook(self._on_grad)
 
     def _on_grad(self, grad):
-        self.hooks.advance_prefetch()
+        # a watched layer keeps about what an offloaded layer moved; its backward frees that much
+        self.hooks.advance_prefetch(self.hooks.moved_bytes() // max(1, len(self.layers)))
 
     def __enter__(self):
         for layer in self.layers:
             self.handles.append(layer.register_forward_pre_hook(lambda m, a: self.hooks.__enter__()))
             self.handles.append(layer.register_forward_hook(lambda m, a, o: self.hooks.__exit__(None, None, None),
                                                             always_call=True))
-        for layer in self.watch:  # the other decoder layers: their backward starts the copies back
+        for layer in self.watch:  # later layers that keep their activations: their backward starts the copies back
             self.handles.append(layer.register_forward_hook(self._watch_output))
         return self
 
@@ -374,7 +379,7 @@ def offload_layers(blocks: list, n: int | None) -> list | None:
 class ActivationOffloader:
     """What the trainer holds: `offloader()` is the context for one forward (nothing on CPU); stats add up.
     `layers`: offload only inside these modules (train.offload_layers), else the whole forward; `watch`: the other
-    decoder layers, whose backward starts the copies back. With layers the forward never waits for a copy (no
+    decoder layers that keep their activations (not recomputed), whose backward starts the copies back. With layers the forward never waits for a copy (no
     in-flight cap): the copies have the rest of the forward to finish."""
 
     def __init__(self, mover, layers=None, watch=(), **kw):
