@@ -371,6 +371,12 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     if paged_out:
         notes.append(f"paged optimizer: {paged_out / GiB:.1f} GiB of its states paged to CPU memory at the peak "
                      "(they move back and forth each step: slower)")
+    if setup.offload_activations and setup.offload_layers is not None:
+        notes.append("train.offload_layers: memory not validated; on one H200 the copies did not finish within the "
+                     "forward and reserved memory was 31-32 GB against 19-20 planned (docs/benchmarks.md)")
+    elif setup.offload_activations and not setup.grad_ckpt:
+        notes.append("activation offloading without checkpointing: reserved memory is under-planned (13.0 GB "
+                     "measured against 9.8 planned on one H200: copies back use their own allocator pool)")
 
     cpu = {"processes (torch, CUDA, libraries)": c.cpu_base_per_rank_bytes * setup.gpus_per_node}
     cpu.update(offloaded_cpu_bytes(shape, setup, w, t))

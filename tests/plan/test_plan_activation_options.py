@@ -135,3 +135,14 @@ def test_offload_layers_moves_whole_layers_and_hides_under_compute():
     # more layers than do not recompute: capped at the 16 that keep their activations
     many = _est(*base, "train.offload_activations=true", "train.offload_layers=99")
     assert activation_bytes_moved(many.shape, many.setup) == pytest.approx(16 * per_layer)
+
+
+def test_unvalidated_offload_memory_says_so():
+    """The two offload setups whose reserved memory the H200 runs contradicted carry a note saying so."""
+    layers = _est("train.micro_batch_size=4", "train.gradient_checkpointing=true", "train.checkpoint_layers=16",
+                  "train.offload_activations=true", "train.offload_layers=10")
+    assert any("offload_layers: memory not validated" in n for n in layers.memory.notes)
+    whole = _est("train.micro_batch_size=2", "train.gradient_checkpointing=false", "train.offload_activations=true")
+    assert any("under-planned" in n for n in whole.memory.notes)
+    ckpt = _est("train.micro_batch_size=4", "train.gradient_checkpointing=true", "train.offload_activations=true")
+    assert not any("offload" in n for n in ckpt.memory.notes)
