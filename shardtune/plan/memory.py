@@ -44,6 +44,16 @@ def resident_share(setup: TrainSetup) -> float:
     return 0.0 if offloads_params(setup) else 1.0 / setup.world_size
 
 
+def load_share(setup: TrainSetup) -> float:
+    """Fraction of the model's weights on each GPU while loading. FSDP2 streams each rank's shard (to the CPU under
+    offload); shardtune's DeepSpeed engine loads a whole replica on every GPU and partitions it in
+    `deepspeed.initialize` (measured: the 8B 4-bit model whole on each of 2 ranks at load,
+    bench/results/d8b_ds3_mb2_ckpt1_2gpu_final.json), so under ZeRO-3 the load, not the step, can be the peak."""
+    if setup.strategy == "deepspeed" and setup.stack == "shardtune":
+        return 1.0
+    return resident_share(setup)
+
+
 def consts_sharded(setup: TrainSetup, c: PlanConstants) -> bool:
     """FSDP2 and ZeRO-3 shard the 4-bit quantization constants too (ShardedLinear4bit makes them parameters)."""
     return setup.shards_params and c.quant_state_sharded
@@ -382,11 +392,18 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     cpu.update(offloaded_cpu_bytes(shape, setup, w, t))
     if paged_out:
         cpu["optimizer states (paged out)"] = paged_out * setup.gpus_per_node
-    load_cpu, load_gpu = load_peak_bytes(shape, setup, w, resident_share(setup), fixed, c)
+    load_cpu, load_gpu = load_peak_bytes(shape, setup, w, load_share(setup), fixed, c)
     cpu_budget, more_notes = cpu_notes(setup, hw)
+    usage = reserved if capped else device_total
+    load_usage = load_gpu - fixed if capped else load_gpu
+    if load_usage > usage:
+        notes.append(f"loading is the peak: {load_gpu / GiB:.1f} GiB per GPU"
+                     + (" (DeepSpeed loads the whole model on every GPU before partitioning it; parallel.strategy=fsdp "
+                        "loads each rank's shard)" if setup.strategy == "deepspeed" else ""))
+        usage = load_usage
     return MemoryEstimate(
         gpu={k: int(v) for k, v in gpu.items()}, peak_allocated=int(peak_alloc), peak_reserved=int(reserved),
-        device_total=int(device_total), usage_vs_budget=int(reserved if capped else device_total),
+        device_total=int(device_total), usage_vs_budget=int(usage),
         reserved_held=int(held),
         budget=int(hw.gpu_memory_bytes), peak_phase=peak_phase, phases={k: int(v) for k, v in phases.items()},
         cpu={k: int(v) for k, v in cpu.items()}, cpu_total=int(sum(cpu.values())), cpu_budget=cpu_budget,

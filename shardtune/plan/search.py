@@ -222,9 +222,16 @@ def _fewest_gpus(shape, base, hw, method, margin, c, max_gpus) -> tuple[Hardware
 
 def smallest_change(shape: ModelShape, base: TrainSetup, hw: Hardware, margin: float,
                     c: PlanConstants = DEFAULT_CONSTANTS, max_gpus: int = 256) -> list[str]:
-    """Ways to make `base` fit, smallest first: another method on the same GPUs (the fastest that fits); then more
-    GPUs of the same kind (same method, or another method when that needs fewer GPUs)."""
+    """Ways to make `base` fit, smallest first: another engine for the same method on the same GPUs; another method
+    on the same GPUs (the fastest that fits); then more GPUs of the same kind (same method, or another method when
+    that needs fewer GPUs)."""
     out: list[str] = []
+    # the same method on the same GPUs with another engine or offload (DeepSpeed's whole-model load, for one)
+    other_engine = _leanest(shape, base, hw, base.method, margin, c)
+    if other_engine is not None and other_engine.fits_with_margin and \
+            (other_engine.setup.strategy, other_engine.setup.zero_stage) != (base.strategy, base.zero_stage):
+        out.append(f"parallel.strategy={other_engine.setup.strategy} on the same {hw.world_size} GPU(s) "
+                   f"({_describe_fix(other_engine)})")
     alts = METHOD_ALTERNATIVES.get(base.method, [])
     same_gpus = [e for e in (_leanest(shape, base, hw, m, margin, c) for m in alts) if e is not None and e.fits_with_margin]
     if same_gpus:
