@@ -51,6 +51,17 @@ class DeepSpeedEngine(Engine):
         from shardtune.parallel.dsconfig import zero_stage
         return zero_stage(self.cfg) != 3 or bool(self.cfg.parallel.zero3_leaf_layers)
 
+    def build_model(self, model_dir: Path) -> nn.Module:
+        """parallel.zero3_load=cpu under ZeRO-3: stream the model into CPU RAM (quantized on this rank's device one
+        tensor at a time); `wrap` partitions it onto the GPUs. Otherwise a whole replica on this rank's device."""
+        from shardtune.parallel.dsconfig import zero_stage
+        if zero_stage(self.cfg) == 3 and self.cfg.parallel.zero3_load == "cpu":
+            from shardtune.model.stream import build_streamed_model
+            from shardtune.parallel.placement import host_place
+            return build_streamed_model(self.cfg, model_dir, self.device, self.compute_dtype, place=host_place(),
+                                        random_init=bool(self.cfg.model.random_init))
+        return super().build_model(model_dir)
+
     def wrap(self, model: nn.Module) -> nn.Module:
         """Convert the 4-bit layers for stage 3 and resolve the DeepSpeed config; `deepspeed.initialize` runs in
         `setup`, once the trainer has built the optimizer."""
@@ -78,6 +89,18 @@ class DeepSpeedEngine(Engine):
                                          hidden_size=_hidden_size(model), total_steps=self.total_steps,
                                          min_quant_numel=_min_quant_numel(model) if self.stage == 3 else None)
         check_quant_storage(model, cast_dtype(ds_cfg), "DeepSpeed")
+        if self.stage == 3 and self.cfg.parallel.zero3_load == "cpu":
+            # each parameter moves to the device, is broadcast from rank 0 and partitioned before the next one;
+            # deepspeed.initialize then sees ZeRO-3 parameters and neither moves nor re-partitions the module
+            import deepspeed
+            deepspeed.zero.Init(module=model, config_dict_or_path=ds_cfg, dtype=self.compute_dtype)
+            if self.dist.is_main:
+                print("load: the model was read into CPU RAM and partitioned onto the devices one parameter at a "
+                      "time (parallel.zero3_load=cpu)", flush=True)
+            for m in model.modules():  # buffers (RoPE's inv_freq) are not parameters: DeepSpeed leaves them be
+                for k, b in list(m._buffers.items()):
+                    if b is not None and b.device != self.device:
+                        m._buffers[k] = b.to(self.device)
         if self.dist.is_main and (self.cfg.parallel.deepspeed_config or filled):
             print(describe_filled(filled, self.cfg.parallel.deepspeed_config, adopted_from_json(self.cfg)), flush=True)
         self.ds_config = ds_cfg

@@ -62,6 +62,12 @@ class FsdpPlacement(Placement):
             rehome_params(model, torch.device(self.device))
 
 
+def host_place() -> FsdpPlacement:
+    """Every streamed tensor kept whole in CPU RAM (no DTensor parameters: nothing is sharded while loading); the
+    DeepSpeed engine's `parallel.zero3_load=cpu` partitions from there."""
+    return FsdpPlacement(torch.device("cpu"))
+
+
 def fsdp_place(device: Optional[torch.device] = None) -> FsdpPlacement:
     """The placement the fsdp engine loads with (`device`: the CPU under parameter/optimizer offload)."""
     return FsdpPlacement(device)

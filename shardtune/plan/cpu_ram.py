@@ -110,6 +110,8 @@ def load_peak_bytes(shape: ModelShape, setup: TrainSetup, w: WeightBytes, gpu_sh
     tensor being quantized."""
     largest = max(shape.vocab * shape.hidden, max(lin.weight_numel for lin in shape.linears))
     kept_cpu = w.total / setup.world_size if offloads_params(setup) else 0.0
+    if setup.zero3_cpu_load:  # parallel.zero3_load=cpu: every rank reads the whole model into its RAM first
+        kept_cpu = w.total
     load_cpu = c.cpu_base_per_rank_bytes + 2 * c.load_chunk_bytes + kept_cpu
     load_gpu = w.total * gpu_share + largest * max(setup.elem, base_param_elem(setup)) + fixed
     return load_cpu, load_gpu

@@ -50,7 +50,8 @@ def load_share(setup: TrainSetup) -> float:
     `deepspeed.initialize` (measured: the 8B 4-bit model whole on each of 2 ranks at load,
     bench/results/d8b_ds3_mb2_ckpt1_2gpu_final.json), so under ZeRO-3 the load, not the step, can be the peak."""
     if setup.strategy == "deepspeed" and setup.stack == "shardtune":
-        return 1.0
+        # parallel.zero3_load=cpu: the replica is in CPU RAM; the GPU holds one parameter while partitioning
+        return 0.0 if setup.zero3_cpu_load else 1.0
     return resident_share(setup)
 
 
@@ -398,8 +399,9 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     load_usage = load_gpu - fixed if capped else load_gpu
     if load_usage > usage:
         notes.append(f"loading is the peak: {load_gpu / GiB:.1f} GiB per GPU"
-                     + (" (DeepSpeed loads the whole model on every GPU before partitioning it; parallel.strategy=fsdp "
-                        "loads each rank's shard)" if setup.strategy == "deepspeed" else ""))
+                     + (" (DeepSpeed loads the whole model on every GPU before partitioning it; parallel.zero3_load=cpu "
+                        "loads through CPU RAM, parallel.strategy=fsdp loads each rank's shard)"
+                        if setup.strategy == "deepspeed" else ""))
         usage = load_usage
     return MemoryEstimate(
         gpu={k: int(v) for k, v in gpu.items()}, peak_allocated=int(peak_alloc), peak_reserved=int(reserved),
@@ -409,4 +411,4 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
         cpu={k: int(v) for k, v in cpu.items()}, cpu_total=int(sum(cpu.values())), cpu_budget=cpu_budget,
         load_peak_cpu_per_rank=int(load_cpu), load_peak_gpu=int(load_gpu), weights=w, trainable_params=t.params,
         activation_per_token_layer=s.act_layer, notes=notes + more_notes,
-        ranks_per_node=setup.gpus_per_node, offload=offloads(setup))
+        ranks_per_node=setup.gpus_per_node, offload=offloads(setup) or setup.zero3_cpu_load)

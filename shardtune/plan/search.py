@@ -232,6 +232,11 @@ def smallest_change(shape: ModelShape, base: TrainSetup, hw: Hardware, margin: f
             (other_engine.setup.strategy, other_engine.setup.zero_stage) != (base.strategy, base.zero_stage):
         out.append(f"parallel.strategy={other_engine.setup.strategy} on the same {hw.world_size} GPU(s) "
                    f"({_describe_fix(other_engine)})")
+    if base.strategy == "deepspeed" and base.zero_stage == 3 and not base.zero3_cpu_load:
+        est = estimate_setup(shape, base.replace(zero3_cpu_load=True), hw, margin, c)
+        if est.fits_with_margin:
+            out.insert(0, f"parallel.zero3_load=cpu: load through CPU RAM ({_describe_fix(est)}, "
+                          f"{est.memory.cpu_need / GiB:.0f} GiB of CPU RAM per node while loading)")
     alts = METHOD_ALTERNATIVES.get(base.method, [])
     same_gpus = [e for e in (_leanest(shape, base, hw, m, margin, c) for m in alts) if e is not None and e.fits_with_margin]
     if same_gpus:

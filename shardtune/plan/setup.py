@@ -86,6 +86,9 @@ class TrainSetup:
     offload_layers: int | None = None
     # parallel.zero3_leaf_layers: DeepSpeed ZeRO-3 hooks each decoder layer once (a leaf) instead of every submodule
     zero3_leaf: bool = False
+    # parallel.zero3_load=cpu: DeepSpeed ZeRO-3 loads the whole model into CPU RAM per rank and partitions it onto
+    # the GPUs one parameter at a time (otherwise a whole replica on each GPU first)
+    zero3_cpu_load: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -244,6 +247,7 @@ def setup_from_config(cfg, hw, model_type: str | None = None, kernels: str | Non
         offload_activations=bool(getattr(t, "offload_activations", False)),
         offload_layers=getattr(t, "offload_layers", None),
         zero3_leaf=bool(getattr(p, "zero3_leaf_layers", False)) and strategy == "deepspeed" and int(p.zero_stage) == 3,
+        zero3_cpu_load=getattr(p, "zero3_load", "gpu") == "cpu" and strategy == "deepspeed" and int(p.zero_stage) == 3,
         precision=resolve_precision(t.precision, on_gpu=True, gpu_bf16=hw.gpu.bf16, gpu_name=hw.gpu.name),
         lora_rank=lora.rank, lora_targets=targets, lora_dropout=float(lora.dropout),
         modules_to_save=tuple(lora.modules_to_save), quant_type=cfg.quant.quant_type,

@@ -55,6 +55,9 @@ JOBS = {
     "ds3-qlora-leaf-layers": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
                                         "parallel.zero3_leaf_layers": True, "train.gradient_checkpointing": True,
                                         **TWO}),
+    # the model loaded into CPU RAM and partitioned onto the devices one parameter at a time (zero.Init(module=))
+    "ds3-qlora-cpu-load": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
+                                     "parallel.zero3_load": "cpu", **TWO}),
     "ds3-offload-lora": ("lora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
                                   "parallel.offload_optimizer": True, **TWO_ACCUM}),
     "ds3-offload-qlora": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
@@ -205,7 +208,7 @@ def test_zero3_leaf_layers_without_checkpointing_is_a_clear_error(two_rank):
 
 
 @pytest.mark.parametrize("name", ["fsdp-qlora", "fsdp-qlora-1layer-units", "fsdp2-offload-qlora", "ds3-qlora",
-                                  "ds3-offload-qlora"])
+                                  "ds3-offload-qlora", "ds3-qlora-cpu-load"])
 def test_each_rank_holds_half_of_the_4bit_storage(name, two_rank, reference):
     r = _job(two_rank, name)
     full_w, full_c = reference["qlora"]["q4"]
@@ -215,6 +218,13 @@ def test_each_rank_holds_half_of_the_4bit_storage(name, two_rank, reference):
         assert c == pytest.approx(full_c / 2, rel=0.10), f"rank {rank}: quant constants {c} vs full {full_c}"
     a, b = r["param_bytes"]
     assert abs(a - b) <= 0.05 * max(a, b), r["param_bytes"]
+
+
+def test_zero3_cpu_load_takes_its_own_path(two_rank):
+    """parallel.zero3_load=cpu: the engine loads into CPU RAM and zero.Init partitions it (the line says so); the
+    storage and trajectory tests above hold it to the same results as the GPU-load path."""
+    assert "partitioned onto the devices one parameter at a time" in _job(two_rank, "ds3-qlora-cpu-load")["stdout"]
+    assert "partitioned onto the devices" not in _job(two_rank, "ds3-qlora")["stdout"]
 
 
 def test_fsdp_layers_per_unit(two_rank):

@@ -45,3 +45,23 @@ def test_zero3_whole_model_load_is_the_verdict_and_fsdp_is_the_fix():
     assert fsdp.fits and not any(n.startswith("loading is the peak") for n in fsdp.memory.notes)
     ways = smallest_change(ds.shape, ds.setup, ds.hardware, ds.margin)
     assert ways and ways[0].startswith("parallel.strategy=fsdp on the same 8 GPU(s)")
+
+
+def test_zero3_cpu_load_moves_the_load_peak_to_cpu_ram():
+    """parallel.zero3_load=cpu: the GPU holds one parameter while partitioning, every rank holds the whole 4-bit
+    model in RAM while loading, so the node's RAM decides (and must be known)."""
+    base = ("data.max_seq_len=512", "parallel.strategy=deepspeed", "parallel.zero_stage=3")
+    gpu_load = _est("llama-2-70b", "8xRTX4090", *base)
+    cpu_load = _est("llama-2-70b", "8xRTX4090", *base, "parallel.zero3_load=cpu")
+    assert cpu_load.setup.zero3_cpu_load and not gpu_load.setup.zero3_cpu_load
+    assert cpu_load.memory.load_peak_gpu < 3 * 2**30 < 30 * 2**30 < gpu_load.memory.load_peak_gpu
+    whole = gpu_load.memory.weights.total
+    assert cpu_load.memory.load_peak_cpu_per_rank > whole
+    assert not cpu_load.fits  # CPU RAM unknown: never assumed
+    cfg_big = load_config(None, ["model.name_or_path=llama-2-70b", "train.method=qlora", "train.kernels=liger",
+                                 "train.gradient_checkpointing=true", *base, "parallel.zero3_load=cpu"])
+    big = estimate(cfg_big, parse_gpus("8xRTX4090", cpu_ram_bytes=512 * 10**9))
+    small = estimate(cfg_big, parse_gpus("8xRTX4090", cpu_ram_bytes=128 * 10**9))
+    assert big.fits and not small.fits
+    ways = smallest_change(gpu_load.shape, gpu_load.setup, big.hardware, gpu_load.margin)
+    assert ways[0].startswith("parallel.zero3_load=cpu")
