@@ -393,6 +393,10 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
     cpu.update(offloaded_cpu_bytes(shape, setup, w, t))
     if paged_out:
         cpu["optimizer states (paged out)"] = paged_out * setup.gpus_per_node
+    if setup.offload_activations:
+        # train/offload.py's pinned pool: every moved byte of a micro batch, in buffers rounded up by at most 1/8
+        cpu["offloaded activations (pinned)"] = (offload_moved_bytes_per_token(shape, setup, c) * setup.tokens
+                                                 * 1.125 * setup.gpus_per_node)
     load_cpu, load_gpu = load_peak_bytes(shape, setup, w, load_share(setup), fixed, c)
     cpu_budget, more_notes = cpu_notes(setup, hw)
     usage = reserved if capped else device_total
@@ -411,4 +415,5 @@ def predict_memory(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = 
         cpu={k: int(v) for k, v in cpu.items()}, cpu_total=int(sum(cpu.values())), cpu_budget=cpu_budget,
         load_peak_cpu_per_rank=int(load_cpu), load_peak_gpu=int(load_gpu), weights=w, trainable_params=t.params,
         activation_per_token_layer=s.act_layer, notes=notes + more_notes,
-        ranks_per_node=setup.gpus_per_node, offload=offloads(setup) or setup.zero3_cpu_load)
+        ranks_per_node=setup.gpus_per_node,
+        offload=offloads(setup) or setup.zero3_cpu_load or setup.offload_activations)

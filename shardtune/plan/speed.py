@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from shardtune.model.shapes import ModelShape
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.activations import (activation_bytes_per_token_layer, offload_moved_bytes_per_token,
-                                        recomputed_layers, saved_bytes_per_token)
+                                        recomputed_layers)
 from shardtune.plan.weights import base_param_elem, lora_params, trainable_params, weight_bytes
 from shardtune.plan.setup import TrainSetup
 

@@ -146,3 +146,17 @@ def test_unvalidated_offload_memory_says_so():
     assert any("under-planned" in n for n in whole.memory.notes)
     ckpt = _est("train.micro_batch_size=4", "train.gradient_checkpointing=true", "train.offload_activations=true")
     assert not any("offload" in n for n in ckpt.memory.notes)
+
+
+def test_offloaded_activations_count_in_cpu_ram():
+    """The pinned pool holds every byte one micro batch moves (buckets round up by at most 1/8), so an offload plan
+    counts it in CPU RAM and, like every offload plan, needs the node's RAM known."""
+    from shardtune.plan.speed import activation_bytes_moved
+    args = ("train.micro_batch_size=2", "train.gradient_checkpointing=false", "train.offload_activations=true")
+    e = _est(*args)
+    pinned = e.memory.cpu["offloaded activations (pinned)"]
+    assert pinned == pytest.approx(1.125 * activation_bytes_moved(e.shape, e.setup), rel=1e-6)
+    assert not e.fits and "cpu" in (e.why_not() or "").lower()  # RAM unknown: never assumed
+    e64 = estimate(_cfg(*args), parse_gpus("1xH200", cpu_ram_bytes=64 * 10**9))
+    assert e64.fits and "offloaded activations (pinned)" in e64.memory.cpu
+    assert "offloaded activations (pinned)" not in _est("train.micro_batch_size=2").memory.cpu
