@@ -107,8 +107,14 @@ def load_peak_bytes(shape: ModelShape, setup: TrainSetup, w: WeightBytes, gpu_sh
     """(CPU bytes per rank, GPU bytes) while loading. CPU: the process, one read chunk and its cast copy (the
     streamed loader reads a few MiB at a time and frees them), and with parameter offload the rank's shard, kept in
     plain memory until the engine pins it. GPU: the rank's weights (`gpu_share` of them) and the largest checkpoint
-    tensor being quantized."""
-    largest = max(shape.vocab * shape.hidden, max(lin.weight_numel for lin in shape.linears))
+    tensor in flight: where the load shards or moves tensors away (`gpu_share` < 1) every tensor passes whole
+    through the device first, the embedding included; a whole replica keeps each tensor where it lands, so only a
+    quantized linear's compute-dtype copy before quantization is extra (measured: tests/plan/test_plan_load_peak.py)."""
+    largest_linear = max(lin.weight_numel for lin in shape.linears)
+    if gpu_share < 1:
+        largest = max(shape.vocab * shape.hidden, largest_linear)
+    else:
+        largest = largest_linear if setup.method in ("qlora", "int8") else 0
     kept_cpu = w.total / setup.world_size if offloads_params(setup) else 0.0
     if setup.zero3_cpu_load:  # parallel.zero3_load=cpu: every rank reads the whole model into its RAM first
         kept_cpu = w.total
