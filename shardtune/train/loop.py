@@ -185,14 +185,9 @@ class Trainer:
         self.offload = activation_offloader(t.offload_activations, self.device, self.say)
         if self.offload.mover is not None and t.offload_layers is not None:
             from shardtune.model.load import checkpointed_blocks
-            from shardtune.train.offload import offload_layers
             base = self.engine.unwrapped()
             base = base.get_base_model() if hasattr(base, "get_base_model") else base
-            blocks = checkpointed_blocks(base)
-            self.offload.layers = offload_layers(blocks, t.offload_layers)
-            self.offload.watch = [b for b in blocks if b not in self.offload.layers
-                                  and not getattr(b, "gradient_checkpointing", False)]
-            self.say(f"offload: saved activations of {len(self.offload.layers)} decoder layers go to pinned CPU memory")
+            self.say(self.offload.limit_to(checkpointed_blocks(base), t.offload_layers))
         if self.cfg.plan.mode != "auto" and self.device.type == "cuda":
             self._predict(self.cfg)
         trainable, total = self.param_counts

@@ -367,15 +367,6 @@ class LayerOffload:
         return False
 
 
-def offload_layers(blocks: list, n: int | None) -> list | None:
-    """The decoder layers `train.offload_layers` offloads: the first n that do not recompute (their copies to the
-    host have the rest of the forward to finish, and backward needs them last, so the copies back have the most time
-    to land); None (all of the forward) when n is unset."""
-    if n is None:
-        return None
-    return [b for b in blocks if not getattr(b, "gradient_checkpointing", False)][:max(0, n)]
-
-
 class ActivationOffloader:
     """What the trainer holds: `offloader()` is the context for one forward (nothing on CPU); stats add up.
     `layers`: offload only inside these modules (train.offload_layers), else the whole forward; `watch`: the other
@@ -385,6 +376,16 @@ class ActivationOffloader:
     def __init__(self, mover, layers=None, watch=(), **kw):
         self.mover, self.layers, self.watch, self.kw = mover, layers, watch, kw
         self.stats = OffloadStats()
+
+    def limit_to(self, blocks: list, n: int) -> str:
+        """train.offload_layers: offload only inside the first n decoder layers that do not recompute (their copies
+        to the host have the rest of the forward to finish, and backward needs them last, so the copies back have
+        the most time to land); the later layers that keep their activations start the copies back. Returns the line
+        the run prints."""
+        kept = [b for b in blocks if not getattr(b, "gradient_checkpointing", False)]
+        self.layers = kept[:max(0, n)]
+        self.watch = [b for b in kept if b not in self.layers]
+        return f"offload: saved activations of {len(self.layers)} decoder layers go to pinned CPU memory"
 
     def __call__(self):
         if self.mover is None:

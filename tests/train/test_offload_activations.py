@@ -11,7 +11,7 @@ from shardtune.config import load_config
 from shardtune.model.load import build_model
 from shardtune.train.loss import fused_loss_sum, logits_loss_sum
 from shardtune.train.offload import (ActivationOffloader, CudaMover, LayerOffload, OffloadActivations, OffloadStats,
-                                     PinnedPool, activation_offloader, offload_layers, pool_bucket)
+                                     PinnedPool, activation_offloader, pool_bucket)
 from support import run_overrides
 
 
@@ -172,14 +172,16 @@ def test_offload_layers_moves_only_the_chosen_layers(tiny_model, ckpt_layers):
     if ckpt_layers:
         enable_checkpointing(model, ckpt_layers)
     blocks = _blocks(model)
-    assert offload_layers(blocks, None) is None
-    chosen = offload_layers(blocks, 1)
-    assert len(chosen) == 1 and not getattr(chosen[0], "gradient_checkpointing", False)
     _, ref = _grads(model, batch, LOSSES["logits"])
     whole = OffloadActivations(CloneMover(), min_bytes=0)
     _grads(model, batch, LOSSES["logits"], whole)
     mover = CloneMover()
-    off = ActivationOffloader(mover, layers=chosen, watch=[b for b in blocks if b not in chosen], min_bytes=0)
+    off = ActivationOffloader(mover, min_bytes=0)
+    assert isinstance(off(), OffloadActivations)  # unlimited: the whole forward
+    assert off.limit_to(blocks, 1).startswith("offload: saved activations of 1 decoder layers")
+    chosen = off.layers
+    assert len(chosen) == 1 and not getattr(chosen[0], "gradient_checkpointing", False)
+    assert chosen[0] not in off.watch and all(not getattr(b, "gradient_checkpointing", False) for b in off.watch)
     ctx = off()
     assert isinstance(ctx, LayerOffload)
     model.zero_grad()
