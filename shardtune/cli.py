@@ -215,8 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     except ShardtuneError as e:
         if debug:
             raise
-        from shardtune.errors import RankLost, Stopped
-        if os.environ.get("RANK", "0") == "0" or isinstance(e, RankLost):  # every rank raises it; one line will do
+        from shardtune.errors import OutOfMemory, RankLost, Stopped
+        # most errors are raised by every rank alike: rank 0's line will do; these two are one rank's own
+        if os.environ.get("RANK", "0") == "0" or isinstance(e, (RankLost, OutOfMemory)):
             print(str(e) if isinstance(e, Stopped) else f"error: {e}", file=sys.stderr)
         if isinstance(e, RankLost):
             # the process group is broken: tearing it down at exit aborts the process (gloo: "terminate called

@@ -40,6 +40,11 @@ class Stopped(ShardtuneError):
     exit_code = 75  # EX_TEMPFAIL: try again later (Slurm requeue scripts can test for it)
 
 
+class OutOfMemory(ShardtuneError):
+    """The GPU ran out of memory while loading or training; what was checkpointed before is kept."""
+    exit_code = 5
+
+
 class RankLost(ShardtuneError):
     """Another rank of a multi-process run died or stopped answering; this rank stopped too."""
     exit_code = 4

@@ -132,3 +132,35 @@ def test_auto_strategy_follows_a_deepspeed_json():
     assert resolve_strategy(load_config(None, ["parallel.deepspeed_config=ds.json"]), 2) == "deepspeed"
     assert resolve_strategy(load_config(None, []), 2) == "fsdp"
     assert resolve_strategy(load_config(None, []), 1) == "none"
+
+
+@pytest.mark.parametrize("phase", ["setup", "step"])
+def test_out_of_gpu_memory_is_one_line_exit_5_and_keeps_the_run(capsys, monkeypatch, tmp_path, tiny_model,
+                                                                 alpaca_file, phase):
+    """A CUDA out-of-memory (the commonest failure) is one line: where, torch's own figures, how to find what fits,
+    the last complete checkpoint; exit 5, no traceback; nothing in output.dir is removed."""
+    import torch
+
+    from shardtune.train.loop import Trainer
+    from support import run_overrides
+    oom = torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 3.91 GiB. GPU 0 has a total capacity of "
+                                 "23.99 GiB of which 1.2 GiB is free.\nmore lines")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+
+    def boom(self, *a, **k):
+        raise oom
+    monkeypatch.setattr(Trainer, "setup" if phase == "setup" else "_run", boom)
+    argv = ["train", *run_overrides(tiny_model("llama"), alpaca_file, out, **{"output.overwrite": True})]
+    rc, err = _run(capsys, *argv)
+    assert rc == 5 and "Traceback" not in err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    line = lines[0]
+    assert "out of GPU memory" in line and "Tried to allocate 3.91 GiB" in line and "more lines" not in line
+    assert ("while loading" in line) == (phase == "setup") and "shardtune plan" in line
+    assert "last complete checkpoint: none" in line
+    assert (out / "keep.txt").read_text() == "mine"
+    with pytest.raises(Exception):
+        main([*argv, "--debug"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from shardtune.errors import ConfigError, Diverged, RankLost, Stopped
+from shardtune.errors import ConfigError, Diverged, OutOfMemory, RankLost, Stopped
 from shardtune.parallel import dist_info_from_env, make_engine, resolve_strategy
 from shardtune.train import checkpoint as ckpt
 from shardtune.train.batches import GlobalBatches, micro_batches, targets_of as _targets, to_device as _to
@@ -294,12 +294,17 @@ class Trainer:
     # ------------------------------------------------------------------------------------------------ train
     def run(self) -> TrainResult:
         if not hasattr(self, "engine"):
-            self.setup()
+            try:
+                self.setup()
+            except torch.OutOfMemoryError as e:
+                raise self._out_of_memory(e, "while loading and setting up the model") from None
         self.stops.install()
         self.current_step = self.start_step
         try:
             return self._run()
         except RuntimeError as e:  # torch.distributed's errors are RuntimeErrors (DistBackendError included)
+            if isinstance(e, torch.OutOfMemoryError):
+                raise self._out_of_memory(e, f"in step {self.current_step + 1}") from None
             if self.dist.world_size > 1 and lost_peer(e):
                 last = ckpt.newest_sealed(self.out)
                 raise RankLost(f"rank {self.dist.rank}: lost contact with another rank during step "
@@ -309,6 +314,16 @@ class Trainer:
             raise
         finally:
             self.stops.uninstall()
+
+    def _out_of_memory(self, e: Exception, where: str) -> OutOfMemory:
+        """One line for a CUDA out-of-memory: where, torch's own first line, how to find a setup that fits, and the
+        checkpoint that is kept (an OOM in a step leaves every earlier checkpoint and the adapter dir untouched)."""
+        last = ckpt.newest_sealed(self.out) if hasattr(self, "out") else None
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        rank = f"rank {self.dist.rank}: " if getattr(self, "dist", None) and self.dist.world_size > 1 else ""
+        return OutOfMemory(f"{rank}out of GPU memory {where} ({first}); `shardtune plan` with the same config shows what "
+                           "fits (e.g. train.gradient_checkpointing=true, a smaller train.micro_batch_size, "
+                           f"plan.mode=auto); last complete checkpoint: {last or 'none'}")
 
     def _run(self) -> TrainResult:
         cfg, t, dist, engine = self.cfg, self.cfg.train, self.dist, self.engine
