@@ -199,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv
     from shardtune.quiet import quiet_libraries
     quiet_libraries(debug)
+    args = None
     try:
         args = parse(argv)
         if args.command is None:
@@ -231,6 +232,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        # a CUDA out-of-memory outside training (evaluate, generate, export merge): one line too (the trainer words
+        # its own with the step and checkpoint)
+        torch = sys.modules.get("torch")
+        if debug or torch is None or not isinstance(e, torch.OutOfMemoryError):
+            raise
+        from shardtune.errors import OutOfMemory
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        command = getattr(args, "command", None) or "?"
+        print(f"error: out of GPU memory in `shardtune {command}` ({first}); use a smaller batch or a smaller "
+              "model, or free the GPU", file=sys.stderr)
+        return OutOfMemory.exit_code
 
 
 if __name__ == "__main__":

@@ -164,3 +164,24 @@ def test_out_of_gpu_memory_is_one_line_exit_5_and_keeps_the_run(capsys, monkeypa
     assert (out / "keep.txt").read_text() == "mine"
     with pytest.raises(Exception):
         main([*argv, "--debug"])
+
+
+def test_out_of_gpu_memory_outside_training_is_one_line(capsys, monkeypatch):
+    """evaluate / generate / export: a CUDA out-of-memory is one line and exit 5 as well; other RuntimeErrors are
+    bugs and keep their traceback."""
+    import torch
+
+    import shardtune.cli as cli
+
+    def oom(args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB.")
+    monkeypatch.setattr(cli, "cmd_config", oom)
+    rc, err = _run(capsys, "config", "show")
+    assert rc == 5 and "Traceback" not in err
+    assert err.startswith("error: out of GPU memory in `shardtune config`") and "Tried to allocate 1.00 GiB" in err
+
+    def bug(args):
+        raise RuntimeError("a bug")
+    monkeypatch.setattr(cli, "cmd_config", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["config", "show"])
