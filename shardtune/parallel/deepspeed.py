@@ -93,6 +93,7 @@ class DeepSpeedEngine(Engine):
             # each parameter moves to the device, is broadcast from rank 0 and partitioned before the next one;
             # deepspeed.initialize then sees ZeRO-3 parameters and neither moves nor re-partitions the module
             import deepspeed
+            # the same call deepspeed.initialize makes on the default path (parameter_offload.py), with its defaults
             deepspeed.zero.Init(module=model, config_dict_or_path=ds_cfg, dtype=self.compute_dtype)
             if self.dist.is_main:
                 print("load: the model was read into CPU RAM and partitioned onto the devices one parameter at a "

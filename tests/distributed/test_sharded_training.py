@@ -58,6 +58,9 @@ JOBS = {
     # the model loaded into CPU RAM and partitioned onto the devices one parameter at a time (zero.Init(module=))
     "ds3-qlora-cpu-load": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
                                      "parallel.zero3_load": "cpu", **TWO}),
+    "ds3-offload-qlora-cpu-load": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
+                                             "parallel.offload_optimizer": True, "parallel.offload_param": True,
+                                             "parallel.zero3_load": "cpu", **TWO}),
     "ds3-offload-lora": ("lora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
                                   "parallel.offload_optimizer": True, **TWO_ACCUM}),
     "ds3-offload-qlora": ("qlora", {"parallel.strategy": "deepspeed", "parallel.zero_stage": 3,
@@ -208,7 +211,7 @@ def test_zero3_leaf_layers_without_checkpointing_is_a_clear_error(two_rank):
 
 
 @pytest.mark.parametrize("name", ["fsdp-qlora", "fsdp-qlora-1layer-units", "fsdp2-offload-qlora", "ds3-qlora",
-                                  "ds3-offload-qlora", "ds3-qlora-cpu-load"])
+                                  "ds3-offload-qlora", "ds3-qlora-cpu-load", "ds3-offload-qlora-cpu-load"])
 def test_each_rank_holds_half_of_the_4bit_storage(name, two_rank, reference):
     r = _job(two_rank, name)
     full_w, full_c = reference["qlora"]["q4"]
