@@ -238,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         torch = sys.modules.get("torch")
         if debug or torch is None or not isinstance(e, torch.OutOfMemoryError):
             raise
-        from shardtune.errors import OutOfMemory
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        from shardtune.errors import OutOfMemory, first_line
+        first = first_line(e)
         command = getattr(args, "command", None) or "?"
         print(f"error: out of GPU memory in `shardtune {command}` ({first}); use a smaller batch or a smaller "
               "model, or free the GPU", file=sys.stderr)

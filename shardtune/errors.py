@@ -1,6 +1,13 @@
 """User-facing errors. Each message names the input at fault and the fix; the CLI prints it as one line, exit 2."""
 
 
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """The first line of an exception's message (its type's name when empty), cut to `limit` characters: what a
+    one-line error quotes from a library's own message."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class ShardtuneError(Exception):
     """Base class for errors caused by the user's input or environment (not by a bug)."""
     exit_code = 2

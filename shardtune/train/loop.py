@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from shardtune.errors import ConfigError, Diverged, OutOfMemory, RankLost, Stopped
+from shardtune.errors import ConfigError, Diverged, OutOfMemory, RankLost, Stopped, first_line
 from shardtune.parallel import dist_info_from_env, make_engine, resolve_strategy
 from shardtune.train import checkpoint as ckpt
 from shardtune.train.batches import GlobalBatches, micro_batches, targets_of as _targets, to_device as _to
@@ -319,7 +319,7 @@ class Trainer:
         """One line for a CUDA out-of-memory: where, torch's own first line, how to find a setup that fits, and the
         checkpoint that is kept (an OOM in a step leaves every earlier checkpoint and the adapter dir untouched)."""
         last = ckpt.newest_sealed(self.out) if hasattr(self, "out") else None
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         rank = f"rank {self.dist.rank}: " if getattr(self, "dist", None) and self.dist.world_size > 1 else ""
         return OutOfMemory(f"{rank}out of GPU memory {where} ({first}); `shardtune plan` with the same config shows what "
                            "fits (e.g. train.gradient_checkpointing=true, a smaller train.micro_batch_size, "

@@ -338,10 +338,6 @@ class LayerOffload:
     def __init__(self, hooks: OffloadActivations, layers, watch=()):
         self.hooks, self.layers, self.watch, self.handles = hooks, layers, watch, []
 
-    @property
-    def stats(self) -> OffloadStats:
-        return self.hooks.stats
-
     def _watch_output(self, module, args, out):
         t = out[0] if isinstance(out, (tuple, list)) else out
         if isinstance(t, torch.Tensor) and t.requires_grad:
