@@ -24,7 +24,8 @@ from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
 from shardtune.plan.cpu_ram import (cpu_notes, load_peak_bytes, offloaded_cpu_bytes, offloads,  # noqa: F401
                                      offloads_params, offloads_states)
 from shardtune.plan.setup import TrainSetup, fsdp_layers_per_unit
-from shardtune.plan.weights import (WeightBytes, base_param_elem, fp32_autocast, lora_elem, lora_params,  # noqa: F401
+from shardtune.plan.weights import (WeightBytes, base_param_elem, fp32_autocast, kbit_upcast, lora_elem,  # noqa: F401
+                                    lora_params,
                                     optimizer_bytes_per_param, quantized_linear_bytes, trainable_params,
                                     weight_bytes)
 
@@ -214,15 +215,21 @@ class AutocastCopies:
     full: float      # every matmul weight (full fine-tuning with fp32 masters)
     head: float      # the output projection: recast for the loss backward even with checkpointing
     layer: float     # one layer's matmul weights: recast while recomputing it
+    # a frozen fp32 output projection (the HF stack's kbit upcast): autocast does not cache casts of weights that
+    # do not require grad, but the matmul saves its compute-dtype copy of the weight for the gradient of its input,
+    # so the copy lives from the head's forward to the head's backward (tests/plan/test_plan_head_cast.py)
+    frozen_head: float = 0.0
 
     def held(self, phase: str, grad_ckpt: bool) -> float:
         """The copies alive at `phase`: with checkpointing only the recomputed layer's (and the head's) exist in
-        backward; at the end of the forward, all of them."""
+        backward; at the end of the forward, all of them. The frozen head's copy is gone once the head's backward
+        has run (before any layer's backward)."""
+        frozen = self.frozen_head if phase in ("end of forward", "loss backward") else 0.0
         if phase == "end of forward":
-            return self.full or self.lora
+            return (self.full or self.lora) + frozen
         if not grad_ckpt:
-            return self.lora + self.full
-        return self.layer + self.head if phase == "layer backward" else self.head
+            return self.lora + self.full + frozen
+        return self.layer + self.head if phase == "layer backward" else self.head + frozen
 
 
 def autocast_copies(shape: ModelShape, setup: TrainSetup) -> AutocastCopies:
@@ -230,8 +237,17 @@ def autocast_copies(shape: ModelShape, setup: TrainSetup) -> AutocastCopies:
     lora = (e * lora_params(shape, setup) if setup.autocast and setup.method != "full" and lora_elem(setup) == 4
             and setup.strategy in ("none", "ddp") else 0)
     full = e * shape.matmul_params if fp32_autocast(setup) else 0
+    frozen_head = (e * shape.vocab * shape.hidden if setup.autocast and fp32_frozen_head(setup)
+                   and setup.strategy in ("none", "ddp") else 0)
     return AutocastCopies(lora=lora, full=full, head=e * shape.vocab * shape.hidden if full else 0,
-                          layer=e * shape.linear_weight_params_per_layer if full else 0)
+                          layer=e * shape.linear_weight_params_per_layer if full else 0, frozen_head=frozen_head)
+
+
+def fp32_frozen_head(setup: TrainSetup) -> bool:
+    """The HF stack's kbit upcast leaves the LM head fp32 (unless the QLoRA paper's script casts it back with bf16
+    LoRA) and, unless modules_to_save trains it, frozen."""
+    trained = any(m.rsplit(".", 1)[-1] in ("lm_head", "embed_out") for m in setup.modules_to_save)
+    return kbit_upcast(setup) and setup.lora_dtype == "fp32" and not trained
 
 
 # ------------------------------------------------------------------------------------------------ phases
