@@ -33,8 +33,9 @@ def activation_breakdown_per_token(shape: ModelShape, setup: TrainSetup,
         out["attention q,k,v,out"] += e * 2 * (qd - kvd)
         out["packing mask (additive, per layer)"] = e * setup.seq_len
     # gated MLP: act(gate) keeps gate's output; gate*up keeps act's output and up's output. Liger's SwiGLU keeps
-    # only gate's and up's outputs (recomputes the activation in backward).
-    out["mlp intermediates"] = ((2 if liger else 3) if shape.gated_mlp else 1) * e * I
+    # only gate's and up's outputs (recomputes the activation in backward). In fp32 when bitsandbytes' 4-bit layers
+    # read the HF stack's fp32 residual stream (they return their input's dtype).
+    out["mlp intermediates"] = ((2 if liger else 3) if shape.gated_mlp else 1) * mlp_elem(setup) * I
     if setup.method == "full":
         if fp32_autocast(setup):
             # Every linear keeps its input for the weight gradient; under autocast each linear casts its fp32 input
@@ -97,6 +98,17 @@ def first_layer_discount_per_token(shape: ModelShape, setup: TrainSetup, c: Plan
         masks = sum(mask * lin.in_features for lin in shape.targeted_linears(setup.lora_targets)
                     if lin.input_group == "attn_in")
     return norm_saved_per_token(shape, setup) + masks
+
+
+def mlp_elem(setup: TrainSetup) -> int:
+    """Bytes per element of the MLP's gate/up outputs and activation. bitsandbytes' Linear4bit computes in its
+    compute dtype and casts its output back to its input's dtype (`matmul_4bit(...).to(inp_dtype)`), so with the HF
+    stack's fp32 residual stream (kbit upcast, fp32 norms) gate and up return fp32 and the SiLU and the product
+    keep fp32 tensors: 6 B x intermediate per token and layer more than in the compute dtype (on one H200, the
+    HF peer without checkpointing allocated 60.65 GB; the planner said 49.30 without this term, 60.59 with it)."""
+    if setup.method == "qlora" and fp32_residual(setup) and not fp32_autocast(setup):
+        return 4
+    return setup.elem
 
 
 def residual_elem(setup: TrainSetup) -> int:
@@ -211,7 +223,7 @@ def loss_forward_bytes(shape: ModelShape, setup: TrainSetup, c: PlanConstants = 
 
 def backward_transient_bytes(shape: ModelShape, setup: TrainSetup, c: PlanConstants = DEFAULT_CONSTANTS) -> float:
     """Inside one layer's backward: live gradient tensors plus the dequantized weight of the current linear."""
-    per_token = (c.bwd_transient_mlp * setup.elem * shape.intermediate
+    per_token = (c.bwd_transient_mlp * mlp_elem(setup) * shape.intermediate
                  + c.bwd_transient_hidden * residual_elem(setup) * shape.hidden)
     if setup.method == "lora" and setup.autocast:
         # peft's fp32 cast of the LoRA input turns its gradient fp32 too (one more through dropout's backward)
