@@ -32,6 +32,11 @@ class PlanConstants:
     shard_slack_bytes: int = 1536 * MiB
     shard_slack_loss_frac: float = 0.43
     loss_bytes_per_logit: float = 12.0         # fp32 log-softmax out + its grad + grad-in at the CE backward peak
+    # the HF stack's full-logits loss (transformers' bf16 logits, fp32 upcast, log-softmax, two fp32 gradients: five
+    # logits-sized tensors of two sizes) leaves free cached blocks beside the allocated peak, releasable under
+    # pressure. Fitted on the 3B peer (bench/results/hf_peer_memory_3b_h200.json: 4.1-4.6 B per logit over 2,048 to
+    # 16,384 tokens, with and without checkpointing); held out on the 8B peer rows (speed*_h200.json, ±2.1%)
+    hf_loss_cache_bytes_per_logit: float = 4.0
     flce_hidden_copies: float = 4.0            # Liger fused linear CE: hidden copy + its grad + ~2 of logit chunk
     bwd_transient_mlp: float = 1.0             # net live gradient tensors of width `intermediate` in a layer backward
     bwd_transient_hidden: float = 1.5          # ... and of width `hidden` (residual grad, norm grads)

@@ -280,7 +280,8 @@ def reserved_bytes(peak_allocated: float, s: StepBytes, setup: TrainSetup, c: Pl
     """torch's reserved memory at the peak: (held, with room). `held`: the allocated bytes plus the split blocks
     the caching allocator cannot give back (free space inside segments that still hold live tensors, growing with
     the per-layer tensors it recycles). `with room`: plus the sharded engines' extra cache (whole segments freed by
-    the collectives' streams and by the loss spike), which the allocator keeps only while the device has room:
+    the collectives' streams and by the loss spike), or the HF stack's full-logits loss cache, which the allocator
+    keeps only while the device has room:
     when cudaMalloc fails it releases every free cached segment and retries (CUDACachingAllocator's
     release_cached_blocks) before it raises out-of-memory."""
     held = (peak_allocated * (1 + c.alloc_frag_frac) + c.alloc_frag_layer_frac * s.act_layer * setup.tokens
@@ -288,6 +289,8 @@ def reserved_bytes(peak_allocated: float, s: StepBytes, setup: TrainSetup, c: Pl
     room = held
     if (setup.strategy in ("fsdp", "deepspeed") or setup.fsdp_no_shard) and setup.world_size > 1:
         room += c.shard_slack_bytes + c.shard_slack_loss_frac * s.loss
+    elif setup.stack == "hf" and setup.fused_loss == "none":
+        room += c.hf_loss_cache_bytes_per_logit / c.loss_bytes_per_logit * s.loss
     return held, room
 
 
