@@ -73,6 +73,11 @@ def gathered_param_bytes(shape: ModelShape, setup: TrainSetup, w: WeightBytes, c
     if setup.gathers_all_params:
         return L * layer_gather + w.root * gather_scale
     head = (shape.vocab * shape.hidden + shape.final_norm_params) * base_param_elem(setup) * gather_scale
+    if setup.stack == "hf" and setup.strategy == "fsdp" and not shape.tied_embeddings:
+        # the HF stack's wrapping (Answer.AI's train.py, accelerate's transformer auto-wrap) leaves the embeddings in
+        # the root unit with the head, and FSDP keeps the root gathered from its forward to the end of backward
+        # (FSDP1 `_post_forward_reshard` skips the root; FSDP2's root does not reshard after forward)
+        head += shape.vocab * shape.hidden * base_param_elem(setup) * gather_scale
     unit = fsdp_layers_per_unit(setup.fsdp_layers_per_unit, layer_gather, L) if setup.strategy == "fsdp" else 1
     return min(c.fsdp_prefetch_layers * unit, L) * layer_gather + head
 
