@@ -63,7 +63,14 @@ def worker(args) -> None:
     torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=targs, train_dataset=data, data_collator=default_data_collator).train()
     stats = torch.cuda.memory_stats()
+    # the allocator's segments once training is done: nothing was released (no empty_cache, no retries), so these
+    # are the segments of the reserved peak; the large ones with the sizes of their blocks, live or free
+    segments = [{"size_gb": round(seg["total_size"] / 1e9, 4), "allocated_gb": round(seg["allocated_size"] / 1e9, 4),
+                 "blocks_gb": [[round(b["size"] / 1e9, 4), b["state"]] for b in seg["blocks"]
+                               if b["size"] >= 64e6]}
+                for seg in torch.cuda.memory_snapshot() if seg["total_size"] >= 256e6]
     Path(args.result).write_text(json.dumps({
+        "large_segments": segments,
         "ok": True, "load_alloc_gb": round(after_load[0], 3), "load_reserved_gb": round(after_load[1], 3),
         "load_peak_reserved_gb": round(after_load[2], 3),
         "peak_alloc_gb": round(torch.cuda.max_memory_allocated() / 1e9, 3),
