@@ -32,10 +32,11 @@ class PlanConstants:
     shard_slack_bytes: int = 1536 * MiB
     shard_slack_loss_frac: float = 0.43
     loss_bytes_per_logit: float = 12.0         # fp32 log-softmax out + its grad + grad-in at the CE backward peak
-    # the HF stack's full-logits loss (transformers' bf16 logits, fp32 upcast, log-softmax, two fp32 gradients: five
-    # logits-sized tensors of two sizes) leaves free cached blocks beside the allocated peak, releasable under
-    # pressure. Fitted on the 3B peer (bench/results/hf_peer_memory_3b_h200.json: 4.1-4.6 B per logit over 2,048 to
-    # 16,384 tokens, with and without checkpointing); held out on the 8B peer rows (speed*_h200.json, ±2.1%)
+    # the HF stack's full-logits loss leaves free cached blocks beside the allocated peak, releasable under pressure:
+    # the freed bf16 logits' segment (2 B per logit; the fp32 gradients of the loss backward do not fit in it) and
+    # the layer forward's fp32 working set in segments of its own (bench/results/hf_peer_segments_3b_h200.json).
+    # Fitted on the 3B peer (bench/results/hf_peer_memory_3b_h200.json: 4.1-4.6 B per logit over 2,048 to 16,384
+    # tokens, with and without checkpointing); held out on the 8B peer rows (speed*_h200.json, within 2.1%)
     hf_loss_cache_bytes_per_logit: float = 4.0
     flce_hidden_copies: float = 4.0            # Liger fused linear CE: hidden copy + its grad + ~2 of logit chunk
     bwd_transient_mlp: float = 1.0             # net live gradient tensors of width `intermediate` in a layer backward
@@ -58,6 +59,11 @@ class PlanConstants:
     # (commit 4bf0945: 1B/3B/8B, lora/qlora, checkpointing on/off, micro batch 1-8, seq 512-4096); worst 14%.
     matmul_eff: float = 0.78                   # achieved / peak for the large bf16 GEMMs of a decoder layer
     attn_eff: float = 0.45                     # flash/efficient SDPA, forward + backward
+    # packed rows (data.packing): transformers' masked SDPA path (K/V repeated to every query head, a block-diagonal
+    # bool mask, no skipping of the masked upper triangle) against the causal flash path, forward + backward of one
+    # layer's attention; measured on one H200, 8B attention shape, seq 2048: 2.74x at micro batch 2, 3.08x at 8
+    # (bench/results/attn_mask_h200.json)
+    packed_attn_slowdown: float = 2.9
     mem_eff: float = 0.70                      # achieved / peak device bandwidth for memory-bound kernels
     elementwise_traffic: float = 4.0           # bytes moved per byte of saved activation (norms, rope, act, adds)
     elementwise_traffic_liger: float = 2.0     # ... with Liger's fused RMSNorm/RoPE/SwiGLU

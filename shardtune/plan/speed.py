@@ -170,6 +170,8 @@ def predict_speed(shape: ModelShape, setup: TrainSetup, hw, c: PlanConstants = D
     if setup.method == "int8":
         t_gemm *= c.int8_matmul_slowdown
     t_attn = fl.attention * T / (peak * c.attn_eff)
+    if setup.packed:
+        t_attn *= c.packed_attn_slowdown
     f = recompute_fraction(shape, setup)
     passes = 2 + f
     t_dequant = 0.0
