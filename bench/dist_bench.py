@@ -104,6 +104,7 @@ def main() -> None:
     tr.use_samples(random_samples(gb * (args.steps + args.warmup), args.seq, json.loads(
         (model_dir / "config.json").read_text())["vocab_size"]))
     after_setup = (torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9)
+    setup_peak = (torch.cuda.max_memory_allocated() / 1e9, torch.cuda.max_memory_reserved() / 1e9)  # load + wrap
     torch.cuda.reset_peak_memory_stats()
     prof = _start_profiler(tr, args, rank) if args.profile else None
     res = tr.run()
@@ -111,7 +112,8 @@ def main() -> None:
         _finish_profiler(prof, args, rank)
     import psutil
     mine = {"rank": rank, "param_bytes": tr.engine.local_param_bytes(), "alloc_after_setup_gb": after_setup[0],
-            "reserved_after_setup_gb": after_setup[1], "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9,
+            "reserved_after_setup_gb": after_setup[1], "setup_peak_alloc_gb": setup_peak[0],
+            "setup_peak_reserved_gb": setup_peak[1], "peak_alloc_gb": torch.cuda.max_memory_allocated() / 1e9,
             "peak_reserved_gb": torch.cuda.max_memory_reserved() / 1e9,
             "cpu_rss_gb": psutil.Process().memory_info().rss / 1e9,
             "load_report": getattr(getattr(tr.engine.unwrapped(), "load_report", None), "to_dict", lambda: None)()}
