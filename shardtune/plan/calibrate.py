@@ -147,7 +147,8 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
         kernels="liger" if liger else "none",
         fused_loss=_dist_loss_path(d, liger, strategy),
         fsdp_layers_per_unit=_layers_per_unit(d),
-        zero3_leaf=strategy == "deepspeed" and "parallel.zero3_leaf_layers=true" in (a.get("set") or []))
+        zero3_leaf=strategy == "deepspeed" and "parallel.zero3_leaf_layers=true" in (a.get("set") or []),
+        zero3_cpu_load=strategy == "deepspeed" and "parallel.zero3_load=cpu" in (a.get("set") or []))
     ranks = d.get("ranks") or []
 
     def peak(key):
@@ -158,7 +159,8 @@ def records_from_dist_bench(d: dict, source: str = "") -> list[Record]:
              f"{' offload' if offload else ''}{' cap' + str(a['cap']) if a.get('cap') else ''}"
              f"{' u' + str(_layers_per_unit(d)) if _layers_per_unit(d) > 1 else ''}"
              f"{' fused' if strategy != 'none' and d.get('loss_path') == 'fused' else ''}"
-             f"{' leaf' if 'parallel.zero3_leaf_layers=true' in (a.get('set') or []) else ''}")
+             f"{' leaf' if 'parallel.zero3_leaf_layers=true' in (a.get('set') or []) else ''}"
+             f"{' cpu-load' if 'parallel.zero3_load=cpu' in (a.get('set') or []) else ''}")
     loads = [(r.get("load_report") or {}).get("peak_rss_bytes") for r in ranks]
     loads = [v for v in loads if v]
     return [Record(label=label, model=model, gpus=gpus, setup=setup, peak_allocated=peak("peak_alloc_gb"),

@@ -52,6 +52,11 @@ class PlanConstants:
     # the contiguous-gradient and prefetch buffers).
     ds_zero3_extra_bytes: int = 1000 * MiB
     cpu_base_per_rank_bytes: int = 3 * GiB     # RSS of a rank with torch + CUDA + transformers imported
+    # RSS of a rank when loading begins (before the first checkpoint byte), as the loader's report reads it on every
+    # GPU record: 1.06-1.09 GB for one process, 1.42-1.47 GB with a process group of two (NCCL initialised);
+    # training later adds kernels and libraries (the steady 1.9-2.6 GB, planned at cpu_base_per_rank_bytes)
+    cpu_load_base_per_rank_bytes: int = 1_100_000_000
+    cpu_load_dist_extra_bytes: int = 400_000_000
     load_chunk_bytes: int = 32 * MiB           # the streamed loader's read chunk (model/materialize.DEFAULT_CHUNK_BYTES)
     # ---------------------------------------------------------------- speed (fractions of peak, seconds)
     # matmul_eff, host_lora_s, host_quant_linear_s, host_backward_factor and host_gpu_serial were fitted

@@ -118,7 +118,8 @@ def load_peak_bytes(shape: ModelShape, setup: TrainSetup, w: WeightBytes, gpu_sh
     kept_cpu = w.total / setup.world_size if offloads_params(setup) else 0.0
     if setup.zero3_cpu_load:  # parallel.zero3_load=cpu: every rank reads the whole model into its RAM first
         kept_cpu = w.total
-    load_cpu = c.cpu_base_per_rank_bytes + 2 * c.load_chunk_bytes + kept_cpu
+    base = c.cpu_load_base_per_rank_bytes + (c.cpu_load_dist_extra_bytes if setup.world_size > 1 else 0)
+    load_cpu = base + 2 * c.load_chunk_bytes + kept_cpu
     load_gpu = w.total * gpu_share + largest * max(setup.elem, base_param_elem(setup)) + fixed
     return load_cpu, load_gpu
 

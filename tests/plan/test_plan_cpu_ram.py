@@ -65,8 +65,9 @@ def test_fsdp_offload_shards_are_pinned_power_of_two_blocks():
     pinned = m.cpu["weights (offloaded shards, pinned: power-of-two blocks)"] / 2
     plain = m.weights.total / 2
     assert 1.10 < pinned / plain < 1.15        # gate/up/down shards 58.7 MB -> 64 MiB; q/o 16 MiB exactly
-    assert m.load_peak_cpu_per_rank == pytest.approx(DEFAULT_CONSTANTS.cpu_base_per_rank_bytes + plain
-                                                     + 2 * DEFAULT_CONSTANTS.load_chunk_bytes, rel=1e-6)
+    load_base = DEFAULT_CONSTANTS.cpu_load_base_per_rank_bytes + DEFAULT_CONSTANTS.cpu_load_dist_extra_bytes
+    assert m.load_peak_cpu_per_rank == pytest.approx(load_base + plain + 2 * DEFAULT_CONSTANTS.load_chunk_bytes,
+                                                     rel=1e-6)
 
 
 def test_load_chunk_matches_the_loader():
@@ -190,3 +191,21 @@ def test_deepspeed_zero2_offload_with_pinned_rounding_stays_under_the_x15():
         ours = sum(v for k, v in m.cpu.items() if not k.startswith("processes"))
         want = ds_cpu if gpus <= 4 else ds_cpu * 16 / (4 * gpus)   # beyond 4 GPUs: its load-time term
         assert ours == pytest.approx(want, rel=0.01), gpus
+
+
+def test_load_peaks_against_every_gpu_records_loader_report():
+    """The planner's CPU load peak per rank against the loader's own report (peak RSS while loading) on the GPU
+    records: 8B one process and two ranks (FSDP2 shards, DeepSpeed), the 70B FSDP2 CPU-offload run (its shard kept in
+    RAM), and DeepSpeed's parallel.zero3_load=cpu on one H200 rank (the whole 4-bit model in RAM), each within 5%."""
+    import json
+    from pathlib import Path
+
+    from shardtune.plan.calibrate import cpu_rows, records_from_dist_bench
+    results = Path(__file__).resolve().parents[2] / "bench/results"
+    names = ["d8b_none_mb2_ckpt1_1gpu.json", "d8b_fsdp_mb2_ckpt1_2gpu.json", "d8b_ds3_2gpu.json",
+             "d70b_fsdp_offload_2gpu_cap24.json", "d8b_ds3_1rank_cpu_load.json"]
+    for name in names:
+        recs = records_from_dist_bench(json.loads((results / name).read_text()), name)
+        (rec, _, measured, planned), = [row for row in cpu_rows(recs) if row[1] == "load"]
+        assert planned == pytest.approx(measured, rel=0.05), name
+    assert recs[0].setup.zero3_cpu_load     # the last one planned as what it ran
