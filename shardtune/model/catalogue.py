@@ -98,7 +98,13 @@ CATALOGUE: dict[str, dict[str, Any]] = {
     "Qwen2.5-72B": dict(config=_llama(8192, 29568, 80, 64, 8, 152064, 131072, model_type="qwen2"),
                         aliases=["Qwen/Qwen2.5-72B"]),
     # https://huggingface.co/01-ai/Yi-34B/blob/main/config.json (Llama architecture, GQA 8, vocab 64000)
-    "Yi-34B": dict(config=_llama(7168, 20480, 60, 56, 8, 64000, 4096), aliases=["01-ai/Yi-34B", "yi-34b-chat"]),
+    # https://huggingface.co/01-ai/Yi-1.5-34B-Chat/blob/main/config.json is the same architecture
+    "Yi-34B": dict(config=_llama(7168, 20480, 60, 56, 8, 64000, 4096),
+                   aliases=["01-ai/Yi-34B", "yi-34b-chat", "01-ai/Yi-1.5-34B", "Yi-1.5-34B"]),
+    # https://huggingface.co/01-ai/Yi-1.5-6B-Chat/blob/main/config.json and
+    # https://huggingface.co/01-ai/Yi-1.5-9B/blob/main/config.json (GQA 4, vocab 64000, 4k context)
+    "Yi-1.5-6B": dict(config=_llama(4096, 11008, 32, 32, 4, 64000, 4096), aliases=["01-ai/Yi-1.5-6B", "01-ai/Yi-6B"]),
+    "Yi-1.5-9B": dict(config=_llama(4096, 11008, 48, 32, 4, 64000, 4096), aliases=["01-ai/Yi-1.5-9B", "01-ai/Yi-9B"]),
     # https://huggingface.co/Qwen/Qwen3-8B/blob/main/config.json (q/k norms over head_dim; no biases)
     "Qwen3-8B": dict(config=_llama(4096, 12288, 36, 32, 8, 151936, 40960, head_dim=128, model_type="qwen3"),
                      aliases=["Qwen/Qwen3-8B"]),

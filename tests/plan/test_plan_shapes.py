@@ -152,3 +152,13 @@ def test_shape_matches_transformers_modules(mt):
         assert tuple(w.shape) == (lin.out_features, lin.in_features), lin.path
         has_bias = any(n.endswith(f"layers.0.{lin.path}.bias") for n in params)
         assert has_bias == lin.bias, lin.path
+
+
+@pytest.mark.parametrize("hub_id,name,layers", [("01-ai/Yi-1.5-9B-Chat", "Yi-1.5-9B", 48),
+                                                ("01-ai/Yi-1.5-6B-Chat", "Yi-1.5-6B", 32),
+                                                ("01-ai/Yi-1.5-34B-Chat", "Yi-34B", 60)])
+def test_yi_1_5_hub_ids_resolve(hub_id, name, layers):
+    """Yi-1.5's chat ids resolve to catalogue shapes (config.json values from the 01-ai repos; 34B is Yi-34B's
+    architecture)."""
+    s = resolve_shape(hub_id)
+    assert (s.name, s.layers, s.vocab, s.kv_heads) == (name, layers, 64000, 8 if layers == 60 else 4)
