@@ -221,6 +221,8 @@ FITTED_ON: dict[str, tuple[str, tuple[str, ...]]] = {
     "host_quant_linear_s": ("speed", _H100_ROWS), "host_backward_factor": ("speed", _H100_ROWS),
     "host_gpu_serial": ("speed", _H100_ROWS), "host_zero3_module_s": ("speed", _DS3[:2]),
     "host_zero3_leaf_param_s": ("speed", ("d8b_deepspeed_leaf_mb2_ckpt1_1rank.json",)),
+    # --stack hf only (its rows are checked by tests/plan/test_plan_hf_peer.py, not in this tool's default files)
+    "hf_loss_cache_bytes_per_logit": ("memory", ("hf_peer_memory_3b_h200.json",)),
 }
 
 
