@@ -7,7 +7,8 @@ bytes, not its bytes: +14% for the 4-bit gate/up/down shards of Llama-2-70B on 2
 +2x for many of the small constant blobs. Gradient shards come back from the GPU as non-blocking copies, which torch
 also pins. AdamW's states are made with zeros_like (not pinned: plain size). DeepSpeed's offloaded optimizer states
 get the x1.5 buffer of DeepSpeed's own estimator (`estimate_zero{2,3}_model_states_mem_needs`,
-additional_buffer_factor), which we have not measured.
+additional_buffer_factor); frozen parameters that ZeRO-3 offloads (QLoRA/LoRA bases) cost their pinned partitions,
+measured on one H200 rank (within 6%, tests/plan/test_plan_cpu_ram.py).
 
 While loading, a rank holds the process, one read chunk of the streamed loader and, with parameter offload, the shard it
 keeps on the CPU (plain memory: pinned only when the engine wraps the model); without offload the streamed weights
@@ -94,11 +95,21 @@ def offloaded_cpu_bytes(shape: ModelShape, setup: TrainSetup, w: WeightBytes, t)
     if offloads_states(setup):
         cpu["optimizer states (offloaded)"] = t.states * ranks
         cpu["fp32 grads + masters (offloaded)"] = (t.grads + t.master) * ranks
+    frozen_pinned = 0.0
     if offloads_params(setup):
-        cpu["weights (offloaded shards)"] = (w.total / N) * ranks
+        if setup.strategy == "deepspeed" and setup.method != "full":
+            # ZeRO-3 keeps each frozen parameter's partition in its own pinned CPU tensor (offload_param
+            # pin_memory): torch's host allocator rounds each up to a power of two. The estimator's x1.5 is for
+            # model states; measured on one H200 rank (8B QLoRA, bench/results/d8b_ds3_offload_1rank*.json) the
+            # frozen weights cost their pinned blocks and no more
+            frozen, _ = parameter_tensor_bytes(shape, setup)
+            frozen_pinned = sum(pinned_bytes(math.ceil(b / N)) for b in frozen) * ranks
+            cpu["weights (offloaded partitions, pinned: power-of-two blocks)"] = frozen_pinned
+        else:
+            cpu["weights (offloaded shards)"] = (w.total / N) * ranks
     if setup.strategy == "deepspeed" and cpu:
-        cpu[f"DeepSpeed buffers (x{DEEPSPEED_CPU_BUFFER} of offloaded, its estimator's factor)"] = \
-            (DEEPSPEED_CPU_BUFFER - 1) * sum(cpu.values())
+        cpu[f"DeepSpeed buffers (x{DEEPSPEED_CPU_BUFFER} of offloaded model states, its estimator's factor)"] = \
+            (DEEPSPEED_CPU_BUFFER - 1) * (sum(cpu.values()) - frozen_pinned)
     return cpu
 
 
