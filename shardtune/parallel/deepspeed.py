@@ -129,16 +129,7 @@ class DeepSpeedEngine(Engine):
         from shardtune.parallel.safe_load import SafeTorchCheckpointEngine
         self.ds.checkpoint_engine = SafeTorchCheckpointEngine(self.ds.checkpoint_engine)
         self.model = self.ds
-        if self._offloads_params() and torch.cuda.is_available():
-            # the default load put a whole replica on this GPU and parameter offload has just moved it to the CPU:
-            # give those freed blocks back instead of keeping them cached beside the steps' own (one H200 rank,
-            # 8B: 6.6 GB cached after setup with 0.03 GB allocated, bench/results/d8b_ds3_offload_1rank.json)
-            torch.cuda.empty_cache()
         return self.ds
-
-    def _offloads_params(self) -> bool:
-        z = self.ds_config.get("zero_optimization", {})
-        return isinstance(z.get("offload_param"), dict) and z["offload_param"].get("device", "none") != "none"
 
     def accumulating(self, is_last_micro_step: bool):
         # ZeRO reduces (stage 2/3: reduce-scatters) at the boundary only
