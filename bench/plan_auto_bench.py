@@ -75,7 +75,7 @@ def run(args) -> dict:
         ov.append("train.precision=fp32")
     cfg = load_config(None, ov)
     lines: list[str] = []
-    tr = Trainer(cfg, out=lambda m: (lines.append(str(m)), print(m, flush=True)))
+    tr = Trainer(cfg, out=lambda m: (lines.append(str(m)), print(m, flush=True)), time_steps=True)
     t0 = time.time()
     tr.setup()
     est = tr.estimate
@@ -98,6 +98,8 @@ def run(args) -> dict:
         "reserved_error": (m.peak_reserved / measured_reserved - 1) if measured_reserved else None,
         "under_usable": (measured_reserved <= est.usable_bytes) if measured_reserved else None,
         "wall_s": round(wall, 1), "alloc_conf": __import__("os").environ.get("PYTORCH_CUDA_ALLOC_CONF"), "log": [ln for ln in lines if ln.startswith(("plan", "data", "kernels", "warn"))],
+        "predicted_tokens_per_s": est.speed.tokens_per_s, "step_times": [round(t, 4) for t in tr.step_times],
+        "step_log": [ln for ln in lines if ln.lstrip().startswith("step")],
     }
     return res
 
