@@ -16,8 +16,8 @@ from shardtune.hardware import GiB
 from shardtune.model.shapes import ModelShape
 from shardtune.plan.activations import (FUSED_CHUNK_TOKENS, activation_bytes_per_token_layer,  # noqa: F401
                                         backward_transient_bytes, checkpoint_bytes_per_token_layer,
-                                        first_layer_discount_per_token, loss_forward_bytes, loss_peak_bytes,
-                                        offload_moved_bytes_per_token,
+                                        first_layer_discount_per_token, lm_head_trained, loss_forward_bytes,
+                                        loss_peak_bytes, offload_moved_bytes_per_token,
                                         recomputed_layers, saved_bytes_per_token,
                                         shared_activation_bytes_per_token)
 from shardtune.plan.constants import DEFAULT_CONSTANTS, PlanConstants
@@ -25,8 +25,7 @@ from shardtune.plan.cpu_ram import (cpu_notes, load_peak_bytes, offloaded_cpu_by
                                      offloads_params, offloads_states)
 from shardtune.plan.setup import TrainSetup, fsdp_layers_per_unit
 from shardtune.plan.weights import (WeightBytes, base_param_elem, fp32_autocast, kbit_upcast, lora_elem,  # noqa: F401
-                                    lora_params,
-                                    optimizer_bytes_per_param, quantized_linear_bytes, trainable_params,
+                                    lora_params, optimizer_bytes_per_param, quantized_linear_bytes, trainable_params,
                                     weight_bytes)
 
 # (names re-exported above: the planner's per-component functions stay importable from plan.memory)
@@ -251,8 +250,7 @@ def autocast_copies(shape: ModelShape, setup: TrainSetup) -> AutocastCopies:
 def fp32_frozen_head(setup: TrainSetup) -> bool:
     """The HF stack's kbit upcast leaves the LM head fp32 (unless the QLoRA paper's script casts it back with bf16
     LoRA) and, unless modules_to_save trains it, frozen."""
-    trained = any(m.rsplit(".", 1)[-1] in ("lm_head", "embed_out") for m in setup.modules_to_save)
-    return kbit_upcast(setup) and setup.lora_dtype == "fp32" and not trained
+    return kbit_upcast(setup) and setup.lora_dtype == "fp32" and not lm_head_trained(setup)
 
 
 # ------------------------------------------------------------------------------------------------ phases
