@@ -116,6 +116,20 @@ def peer_model(model_dir: str, method: str, ckpt: bool):
                                             task_type="CAUSAL_LM"))
 
 
+def peer_training_args(output_dir: str, micro_batch: int, max_steps: int, ckpt: bool, liger: bool = False, **extra):
+    """The HF Trainer arguments every benchmark gives the peer: bf16 on CUDA (autocast), AdamW (torch), no logging,
+    saving or reporting, no dataloader workers, columns kept as given; `extra` adds or overrides (seed, sampler)."""
+    import torch
+    from transformers import TrainingArguments
+    cuda = torch.cuda.is_available()
+    kw = dict(output_dir=output_dir, per_device_train_batch_size=micro_batch, max_steps=max_steps, learning_rate=2e-4,
+              bf16=cuda, use_cpu=not cuda, gradient_checkpointing=ckpt, optim="adamw_torch", logging_steps=1000,
+              save_strategy="no", report_to=[], use_liger_kernel=liger, dataloader_num_workers=0,
+              remove_unused_columns=False, disable_tqdm=True)
+    kw.update(extra)
+    return TrainingArguments(**kw)
+
+
 def step_timer(times: list):
     """A Trainer callback appending each step's wall time (device-synchronized) to `times`."""
     import time

@@ -4,7 +4,7 @@
         --variants ckpt=0,mb=1 ckpt=1,mb=2 ...
 
 The peer is bench/common.py's (bitsandbytes NF4 + double quantization, prepare_model_for_kbit_training, peft LoRA
-r16/alpha 32/dropout 0.05 on all linears) trained by HF Trainer (bf16, adamw_torch, the data collator of
+r16/alpha 32/dropout 0.05 on all linears) trained by HF Trainer (bench/common.py's peer_training_args, the data collator of
 bench/speed_bench.py) on random tokens. A plain list is the dataset (no `datasets` needed). Per configuration:
 allocated and reserved memory after the model is built (before training) and their peaks over the steps, next to
 what the planner predicts for the same configuration with the HF profile (fp32 LoRA, adamw).
@@ -20,10 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import peer_model, random_samples, write_random_checkpoint  # noqa: E402
-
-CATALOGUE = {"llama3-3b": "Llama-3.2-3B", "llama3-8b": "llama-3-8b", "llama3-1b": "Llama-3.2-1B"}
-
+from bench.common import peer_model, peer_training_args, random_samples, write_random_checkpoint  # noqa: E402
+from shardtune.plan.calibrate import BENCH_SHAPES  # noqa: E402
 
 def parse(text: str) -> dict:
     v = {"ckpt": 1, "mb": 2}
@@ -37,7 +35,7 @@ def planned(shape: str, seq: int, v: dict) -> dict:
     from shardtune.config import load_config
     from shardtune.hardware import parse_gpus
     from shardtune.plan import estimate
-    cfg = load_config(None, [f"model.name_or_path={CATALOGUE[shape]}", "train.method=qlora", "lora.rank=16",
+    cfg = load_config(None, [f"model.name_or_path={BENCH_SHAPES[shape]}", "train.method=qlora", "lora.rank=16",
                              "lora.alpha=32", "lora.dropout=0.05", f"train.micro_batch_size={v['mb']}",
                              f"train.gradient_checkpointing={'true' if v['ckpt'] else 'false'}",
                              f"data.max_seq_len={seq}", "train.precision=bf16", "parallel.strategy=none"])
@@ -48,18 +46,14 @@ def planned(shape: str, seq: int, v: dict) -> dict:
 
 def worker(args) -> None:
     import torch
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import Trainer, default_data_collator
     v = json.loads(args.worker)
     model = peer_model(args.model_dir, "qlora", bool(v["ckpt"]))
     torch.cuda.synchronize()
     after_load = (torch.cuda.memory_allocated() / 1e9, torch.cuda.memory_reserved() / 1e9,
                   torch.cuda.max_memory_reserved() / 1e9)
     data = random_samples(v["mb"] * args.steps, args.seq, model.config.vocab_size)
-    targs = TrainingArguments(output_dir="/tmp/peer-mem-out", per_device_train_batch_size=v["mb"],
-                              max_steps=args.steps, learning_rate=2e-4, bf16=True,
-                              gradient_checkpointing=bool(v["ckpt"]), optim="adamw_torch", logging_steps=1000,
-                              save_strategy="no", report_to=[], dataloader_num_workers=0,
-                              remove_unused_columns=False, disable_tqdm=True)
+    targs = peer_training_args("/tmp/peer-mem-out", v["mb"], args.steps, bool(v["ckpt"]))
     torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=targs, train_dataset=data, data_collator=default_data_collator).train()
     stats = torch.cuda.memory_stats()
@@ -81,7 +75,7 @@ def worker(args) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama3-3b", choices=sorted(CATALOGUE))
+    ap.add_argument("--shape", default="llama3-3b", choices=sorted(BENCH_SHAPES))
     ap.add_argument("--seq", type=int, default=2048)
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--variants", nargs="+", default=["ckpt=1,mb=2", "ckpt=0,mb=1"])

@@ -36,7 +36,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from bench.common import SHAPES, peer_model, step_timer, write_random_checkpoint  # noqa: E402
+from bench.common import SHAPES, peer_model, peer_training_args, step_timer, write_random_checkpoint  # noqa: E402
 from bench.plan_auto_bench import DEVDATA, SHARED_SPIDER, _spider_tokenizer, prep  # noqa: E402
 from bench.speed_bench import _cap, _cuda, _peak  # noqa: E402
 
@@ -161,19 +161,15 @@ def _sampler_args(group: bool) -> dict:
 def run_peer(v: dict, a) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    from transformers import DataCollatorForSeq2Seq, Trainer
     _cap(v["cap"])
     samples, tok = unpacked_samples(a)
     model = peer_model(a.model_dir, v["method"], bool(v["ckpt"]))
     n = a.steps + a.warmup
     times: list[float] = []
     rec = Recorder(DataCollatorForSeq2Seq(tok, padding="longest", label_pad_token_id=IGNORE, return_tensors="pt"))
-    args = TrainingArguments(output_dir=f"{a.result}.out", per_device_train_batch_size=v["mb"], max_steps=n,
-                             learning_rate=2e-4, bf16=_cuda(), use_cpu=not _cuda(),
-                             gradient_checkpointing=bool(v["ckpt"]), optim="adamw_torch", logging_steps=1000,
-                             save_strategy="no", report_to=[], use_liger_kernel=bool(v["liger"]),
-                             dataloader_num_workers=0, remove_unused_columns=False, disable_tqdm=True, seed=0,
-                             **_sampler_args(bool(v["group"])))
+    args = peer_training_args(f"{a.result}.out", v["mb"], n, bool(v["ckpt"]), bool(v["liger"]), seed=0,
+                              **_sampler_args(bool(v["group"])))
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=Dataset.from_list(samples), data_collator=rec,

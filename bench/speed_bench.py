@@ -26,8 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.common import (H100_BF16_CEILING, SHAPES, model_flops_per_token, peer_model, random_samples,  # noqa: E402
-                          step_timer, write_random_checkpoint)
+from bench.common import (H100_BF16_CEILING, SHAPES, model_flops_per_token, peer_model,  # noqa: E402
+                          peer_training_args, random_samples, step_timer, write_random_checkpoint)
 
 PEER_DEFAULT = "peer:ckpt=1,mb=2"
 
@@ -68,18 +68,14 @@ def _cap(gb: float) -> None:
 def run_peer(v: dict, model_dir: str, seq: int, steps: int, warmup: int) -> dict:
     import torch
     from datasets import Dataset
-    from transformers import Trainer, TrainingArguments, default_data_collator
+    from transformers import Trainer, default_data_collator
     _cap(v["cap"])
     model = peer_model(model_dir, v["method"], bool(v["ckpt"]))
     vocab = model.config.vocab_size
     n = v["mb"] * (steps + warmup)
     data = Dataset.from_list(random_samples(n, seq, vocab))
     times: list[float] = []
-    args = TrainingArguments(output_dir="/tmp/peer-out", per_device_train_batch_size=v["mb"], max_steps=steps + warmup,
-                             learning_rate=2e-4, bf16=_cuda(), use_cpu=not _cuda(), gradient_checkpointing=bool(v["ckpt"]),
-                             optim="adamw_torch", logging_steps=1000, save_strategy="no", report_to=[],
-                             use_liger_kernel=bool(v["liger"]), dataloader_num_workers=0,
-                             remove_unused_columns=False, disable_tqdm=True)
+    args = peer_training_args("/tmp/peer-out", v["mb"], steps + warmup, bool(v["ckpt"]), bool(v["liger"]))
     if _cuda():
         torch.cuda.reset_peak_memory_stats()
     Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
