@@ -193,35 +193,36 @@ def test_deepspeed_zero2_offload_with_pinned_rounding_stays_under_the_x15():
         assert ours == pytest.approx(want, rel=0.01), gpus
 
 
-def test_load_peaks_against_every_gpu_records_loader_report():
-    """The planner's CPU load peak per rank against the loader's own report (peak RSS while loading) on the GPU
-    records: 8B one process and two ranks (FSDP2 shards, DeepSpeed), the 70B FSDP2 CPU-offload run (its shard kept in
-    RAM), and DeepSpeed's parallel.zero3_load=cpu on one H200 rank (the whole 4-bit model in RAM), each within 5%."""
+def _cpu_row(name: str, kind: str):
+    """(record, measured, planned) CPU RAM per rank of one bench/results dist_bench record: kind 'load' (the loader's
+    peak RSS) or 'steady' (RSS after the timed steps)."""
     import json
     from pathlib import Path
 
     from shardtune.plan.calibrate import cpu_rows, records_from_dist_bench
-    results = Path(__file__).resolve().parents[2] / "bench/results"
+    path = Path(__file__).resolve().parents[2] / "bench/results" / name
+    (rec, _, measured, planned), = [row for row in cpu_rows(records_from_dist_bench(json.loads(path.read_text()), name))
+                                    if row[1] == kind]
+    return rec, measured, planned
+
+
+def test_load_peaks_against_every_gpu_records_loader_report():
+    """The planner's CPU load peak per rank against the loader's own report (peak RSS while loading) on the GPU
+    records: 8B one process and two ranks (FSDP2 shards, DeepSpeed), the 70B FSDP2 CPU-offload run (its shard kept in
+    RAM), and DeepSpeed's parallel.zero3_load=cpu on one H200 rank (the whole 4-bit model in RAM), each within 5%."""
     names = ["d8b_none_mb2_ckpt1_1gpu.json", "d8b_fsdp_mb2_ckpt1_2gpu.json", "d8b_ds3_2gpu.json",
              "d70b_fsdp_offload_2gpu_cap24.json", "d8b_ds3_1rank_cpu_load.json"]
     for name in names:
-        recs = records_from_dist_bench(json.loads((results / name).read_text()), name)
-        (rec, _, measured, planned), = [row for row in cpu_rows(recs) if row[1] == "load"]
+        rec, measured, planned = _cpu_row(name, "load")
         assert planned == pytest.approx(measured, rel=0.05), name
-    assert recs[0].setup.zero3_cpu_load     # the last one planned as what it ran
+    assert rec.setup.zero3_cpu_load     # the last one planned as what it ran
 
 
 def test_deepspeed_parameter_offload_rss_against_the_gpu_runs():
     """One H200 rank, 8B QLoRA under DeepSpeed ZeRO-3 with optimizer and parameter offload (default load and
     parallel.zero3_load=cpu): the RSS after the steps against the planned CPU RAM per rank. The frozen 4-bit base
     costs its pinned partitions; DeepSpeed's x1.5 estimator factor on it over-planned by 27-30%."""
-    import json
-    from pathlib import Path
-
-    from shardtune.plan.calibrate import cpu_rows, records_from_dist_bench
-    results = Path(__file__).resolve().parents[2] / "bench/results"
     for name in ("d8b_ds3_offload_1rank.json", "d8b_ds3_offload_1rank_cpu_load.json"):
-        recs = records_from_dist_bench(json.loads((results / name).read_text()), name)
-        (_, _, measured, planned), = [row for row in cpu_rows(recs) if row[1] == "steady"]
+        _, measured, planned = _cpu_row(name, "steady")
         assert planned == pytest.approx(measured, rel=0.10), name
         assert planned >= measured * 0.97          # never meaningfully below: RAM is a hard limit
